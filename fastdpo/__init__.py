@@ -1,0 +1,18 @@
+"""fastdpo: fused, memory-lean log-probabilities for DPO-family preference fine-tuning."""
+
+from .batch_logps import get_batch_logps, get_batch_logps_from_hidden, sequence_logps
+from .linear_logps import STATS, linear_logps
+from .logits_logps import logits_logps
+from .transform import LogitTransform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LogitTransform",
+    "STATS",
+    "get_batch_logps",
+    "get_batch_logps_from_hidden",
+    "linear_logps",
+    "logits_logps",
+    "sequence_logps",
+]
