@@ -65,7 +65,9 @@ def linear_forward(hidden, weight, bias, labels, transform, primitives):
             m_old = m[rows]
             m_new = torch.maximum(m_old, z.amax(1))
             alpha = torch.exp(m_old - m_new)
-            e = torch.exp(z - m_new[:, None])
+            # exp in place unless a statistic still needs z after this point
+            keep_z = acc.keys() & {"expected_logit", "sum_logit", "max_other"}
+            e = (z.sub(m_new[:, None]) if keep_z else z.sub_(m_new[:, None])).exp_()
             s[rows] = s[rows] * alpha + e.sum(1)
             if "expected_logit" in acc:     # sum exp(z - m) * z, normalised by s at the end
                 acc["expected_logit"][rows] = acc["expected_logit"][rows] * alpha + torch.linalg.vecdot(e, z)
