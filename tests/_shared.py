@@ -1,0 +1,40 @@
+"""Paths into ../shared and small models built by hand, shared by the tests."""
+
+from functools import lru_cache
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SMOLLM2_DIR = SHARED / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+HH_HARMLESS = SHARED / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+ULTRAFEEDBACK = SHARED / "data" / "ultrafeedback-binarized"
+
+
+@lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (ChatML template, eos <|im_end|> id 2), from the GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name)
+
+
+def tiny_llama_config(**overrides):
+    """A tiny random Llama with SmolLM2's architecture choices and vocabulary (49,152, tied)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
