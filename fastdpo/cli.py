@@ -112,8 +112,9 @@ def _default_attn_implementation(device_type: str) -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
 
 
-def train(argv: list[str]) -> dict:
-    """Run ``fastdpo train``; returns a summary (wall time, peak RSS, drops, final metrics)."""
+def train(argv: list[str]):
+    """Run ``fastdpo train``: returns the finished ``DPOTrainer`` and a summary (wall time, peak
+    RSS, dropped pairs), which is also printed."""
     from .data import load_preference_dataset
     from .models import apply_lora, load_causal_lm, load_tokenizer, resolve_model
     from .trainer import DPOTrainer
@@ -140,6 +141,7 @@ def train(argv: list[str]) -> dict:
         print(f"[fastdpo] {split}: {report}", flush=True)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
+    trainer.save_state()     # trainer_state.json: the metric history, also without checkpoints
     summary = {
         "wall_time_s": time.perf_counter() - start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -147,7 +149,7 @@ def train(argv: list[str]) -> dict:
         "output_dir": args.output_dir,
     }
     print(f"[fastdpo] done: {summary}", flush=True)
-    return summary
+    return trainer, summary
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision, tile_config, transform_args, upcast_dot
-from .tiles import apply_transform, project_tile, transform_grad_scale
+from .tiles import logit_tile, transform_grad_scale
 
 
 @triton.jit
@@ -38,11 +38,9 @@ def _linear_backward_kernel(
     row_ok = offs_n < N
     col_ok = offs_v < V
 
-    z = project_tile(H, W, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv,
-                     stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        z += tl.load(B + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = apply_transform(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    z = logit_tile(H, W, B, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                   logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
+                   BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST)
 
     lse = tl.load(Lse + offs_n, mask=row_ok, other=0.0)
     g = tl.load(Grad + offs_n, mask=row_ok, other=0.0)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .config import dot_precision, interpreting, tile_config, transform_args, upcast_dot
 from .indexed_dot import indexed_dot
-from .tiles import apply_transform, project_tile
+from .tiles import logit_tile
 
 
 @triton.jit
@@ -45,11 +45,9 @@ def _lse_forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < v_end
-        z = project_tile(H, W, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv,
-                         stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST)
-        if HAS_BIAS:
-            z += tl.load(B + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = apply_transform(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        z = logit_tile(H, W, B, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                       logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
+                       BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST)
         z_or_zero = tl.where(col_ok[None, :], z, 0.0)   # keeps 0 * -inf out of the sums
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))

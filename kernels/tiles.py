@@ -34,6 +34,22 @@ def transform_grad_scale(z_out, logit_scale, softcap, inv_temperature, HAS_SOFTC
 
 
 @triton.jit
+def logit_tile(
+    H, W, B, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Transformed fp32 logits ``transform(H[offs_n] @ W[offs_v].T + B[offs_v])``, [BLOCK_N, BLOCK_V]."""
+    z = project_tile(H, W, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                     BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        z += tl.load(B + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return apply_transform(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+
+
+@triton.jit
 def project_tile(
     H, W, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -1,8 +1,22 @@
 import os
 
+import pytest
 import torch
 
 # The Triton kernels run on the CPU through the interpreter; it must be chosen before triton is
 # first imported. On a GPU machine the kernels run natively.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A fastdpo cache holding the one conversion of the shared SmolLM2 GGUF made in this test session."""
+    from fastdpo import models
+    from _shared import SMOLLM2_DIR, SMOLLM2_GGUF
+
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDPO_CACHE", str(cache))
+        models.gguf_checkpoint(models.ModelSource(str(SMOLLM2_DIR), SMOLLM2_GGUF.name))
+    return cache

