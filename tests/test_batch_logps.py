@@ -4,31 +4,7 @@ import pytest
 import torch
 
 import fastdpo
-from _reference import rel_err
-
-
-def trl_legacy_get_batch_logps(logits, labels, average_log_prob=False, label_pad_token_id=-100,
-                               is_encoder_decoder=False):
-    """TRL <= 0.9 ``DPOTrainer.get_batch_logps``, restated verbatim (labels cloned first so the
-    encoder-decoder branch's in-place pad overwrite does not touch the caller's tensor)."""
-    labels = labels.clone()
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError("Logits (batch and sequence length dim) and labels must have the same shape.")
-
-    if not is_encoder_decoder:
-        labels = labels[:, 1:].clone()
-        logits = logits[:, :-1, :]
-    loss_mask = labels != label_pad_token_id
-
-    # dummy token; we'll ignore the losses on these tokens later
-    labels[labels == label_pad_token_id] = 0
-
-    per_token_logps = torch.gather(logits.log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
-
-    if average_log_prob:
-        return (per_token_logps * loss_mask).sum(-1) / loss_mask.sum(-1)
-    else:
-        return (per_token_logps * loss_mask).sum(-1)
+from _reference import rel_err, trl_legacy_get_batch_logps
 
 
 def batch(b, t, v, *, seed, pad=-100, dtype=torch.float32):

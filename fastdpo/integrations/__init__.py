@@ -1,0 +1,1 @@
+"""fastdpo inside other trainers (``fastdpo.integrations.trl``)."""
