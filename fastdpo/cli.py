@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from . import __version__
 
@@ -122,6 +122,8 @@ def train(argv: list[str]):
     script, args = parse_train_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
+    # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
+    set_seed(args.seed, deterministic=args.full_determinism)
     source = resolve_model(script.model)
     tokenizer = load_tokenizer(source, trust_remote_code=script.trust_remote_code)
     train_ds, eval_ds = load_preference_dataset(
