@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES
+from .losses import LOSS_TYPES, loss_terms
 
 
 @dataclass
 class DPOConfig(TrainingArguments):
-    """Training arguments for ``fastdpo.DPOTrainer``; DPO field names and meanings follow TRL's DPOConfig.
+    """Training arguments for ``fastdpo.DPOTrainer``; field names and meanings follow TRL 1.16's DPOConfig
+    (``loss_type`` a list, as there; a string is taken as a one-element list), its CPOConfig
+    (``simpo_gamma``, ``cpo_alpha``) and TRL <= 0.28's DPOConfig (``rpo_alpha``, ``reference_free``).
+    The losses are ``fastdpo.dpo_loss``'s.
 
     Micro-batches are packed token streams of at most ``max_tokens_per_batch`` tokens (whole pairs),
     so ``per_device_train_batch_size`` is not used; the effective batch is
@@ -22,13 +25,39 @@ class DPOConfig(TrainingArguments):
     (TRL's); ``remove_unused_columns`` False (the tokenised columns are not model arguments);
     ``bf16`` None = on where the GPU supports it and off elsewhere (CPUs without bf16 units run bf16
     matmuls over 10x slower than fp32).
+
+    Raises:
+        ValueError: an invalid loss configuration (see ``fastdpo.losses.loss_terms``: unknown loss types,
+            loss_weights of another length, combinations TRL rejects), ``truncation_mode`` other than
+            keep_end/keep_start, ``max_tokens_per_batch < 2``.
     """
 
-    beta: float = field(default=0.1, metadata={"help": "KL-penalty coefficient β of the DPO loss."})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"Preference loss: {', '.join(LOSS_TYPES)}."})
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "cDPO: assumed probability in [0, 0.5] that a preference label is flipped."}
-    )
+    beta: float = field(default=0.1, metadata={
+        "help": "β: the KL-penalty coefficient of the DPO losses (IPO's τ, ORPO's λ, the scale of CPO/SimPO)."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": f"Preference loss, or several combined with --loss-weights: {', '.join(LOSS_TYPES)}. cpo, simpo "
+                "and orpo (TRL's CPOTrainer/ORPOTrainer losses) need no reference model and stand alone."})
+    loss_weights: list[float] | None = field(default=None, metadata={
+        "help": "One weight per loss type (default 1.0 each), e.g. 0.8 0.2 1.0 for MPO's sigmoid bco_pair sft."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "ε in [0, 0.5]: the label-flip probability of robust (< 0.5) and of cDPO smoothing (sigmoid, aot, "
+                "aot_unpaired, cpo, simpo); exo_pair's ε (> 0, the paper suggests 1e-3)."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={
+        "help": "f-DPO divergence: reverse_kl, forward_kl, js_divergence or alpha_divergence (non-default ones with "
+                "sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft only)."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={
+        "help": "α of f_divergence_type=alpha_divergence."})
+    use_weighting: bool = field(default=False, metadata={
+        "help": "WPO: weight each pair by its completions' length-normalised, Σp²-aligned probabilities."})
+    ld_alpha: float | None = field(default=None, metadata={
+        "help": "LD-DPO's α in [0, 1]: weight of the log-probs beyond the shorter completion's length (None: 1)."})
+    rpo_alpha: float | None = field(default=None, metadata={
+        "help": "RPO: add rpo_alpha times the mean NLL of the chosen completions (TRL <= 0.28; same as adding sft "
+                "to --loss-type with weight rpo_alpha)."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP's temperature τ > 0."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ (loss_type simpo)."})
+    cpo_alpha: float = field(default=1.0, metadata={
+        "help": "Weight of the NLL (behaviour-cloning) term of cpo and simpo (0 = the SimPO paper's loss)."})
     max_length: int | None = field(default=1024, metadata={"help": "Maximum prompt + completion tokens per sequence."})
     max_prompt_length: int | None = field(default=512, metadata={"help": "Maximum prompt tokens (truncated beyond)."})
     truncation_mode: str = field(
@@ -42,7 +71,8 @@ class DPOConfig(TrainingArguments):
         metadata={"help": "Compute the reference log-probs once before training, cache them with the tokenised "
                           "dataset and release the reference model."},
     )
-    reference_free: bool = field(default=False, metadata={"help": "Ignore the reference model (log-probs taken as 0)."})
+    reference_free: bool = field(default=False, metadata={
+        "help": "Ignore the reference model (log-probs taken as 0; TRL <= 0.28's reference_free)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
@@ -55,8 +85,11 @@ class DPOConfig(TrainingArguments):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        loss_terms(self.loss_type, self.loss_weights, beta=self.beta, label_smoothing=self.label_smoothing,
+                   f_divergence_type=self.f_divergence_type, discopop_tau=self.discopop_tau, rpo_alpha=self.rpo_alpha,
+                   weighted=self.use_weighting, ld_alpha=self.ld_alpha)
         if self.truncation_mode not in ("keep_end", "keep_start"):
             raise ValueError(f"truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
         if self.max_tokens_per_batch < 2:

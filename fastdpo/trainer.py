@@ -22,8 +22,9 @@ from transformers import Trainer
 
 from .config import DPOConfig
 from .data import tokenize_pairs
-from .losses import dpo_loss
-from .modeling import _causal_lm, packed_sequence_logps
+from .losses import (CONFIG_OPTIONS, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, dpo_loss, loss_terms,
+                     orpo_log_odds, uses_nll)
+from .modeling import _causal_lm, chosen_nll_tokens, packed_sequence_logps, pair_logps
 from .packing import REF_COLUMNS, TokenBudgetBatchSampler, num_pairs, pack_pairs, pair_length
 
 logger = logging.getLogger(__name__)
@@ -60,13 +61,33 @@ class DPOTrainer(Trainer):
         processing_class: the tokenizer (required for raw rows; saved with the model).
         peft_config: a ``peft`` config to wrap ``model`` with.
 
+    The loss is ``fastdpo.dpo_loss`` with ``args``' loss options (every loss of TRL 1.16's DPOTrainer, RPO,
+    and CPO/SimPO/ORPO, which need no reference model), averaged over the pairs of the effective batch (all
+    micro-batches of one optimiser step, over all processes), however it is split into micro-batches. The
+    inputs each loss needs come from the same forward (``fastdpo.modeling.pair_logps``): completion token
+    counts from ``label_cu_seqlens``, LD-DPO's split before the sums, the ``log_sum_p2`` statistic only with
+    ``use_weighting``, the chosen prompts' log-probs only for ORPO.
+
+    Batch-level terms under gradient accumulation:
+
+    - The NLL term (sft, rpo_alpha, cpo_alpha, orpo) is the mean NLL over all chosen NLL tokens of the
+      effective batch: ``get_batch_samples`` counts them with the pairs, and each micro-batch passes
+      ``dpo_loss`` its share of that count (effective tokens × its pairs / effective pairs), so the micro-batches
+      add up to ``Σ NLL / Σ tokens`` exactly. With one micro-batch this is TRL's per-batch mean. With WPO
+      weights, each micro-batch's NLL part is scaled by its own pairs' weights (TRL scales the batch's by its
+      pairs' weights); evaluation uses each micro-batch's own token count.
+    - aot and aot_unpaired sort within each micro-batch (TRL sorts within its per-device batch too), so they,
+      alone, depend on the split.
+
     Logged every logging step with TRL's names (and the ``eval_`` prefix on evaluation): loss,
-    rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
-    logps/rejected; in training also tokens_per_second and packing_efficiency (real / processed tokens).
+    rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected
+    (means over pairs; per-token means for simpo and orpo, as their TRL trainers log), nll_loss with an NLL
+    term (mean over its tokens), log_odds_ratio and log_odds_chosen for orpo; in training also
+    tokens_per_second and packing_efficiency (real / processed tokens).
 
     Raises:
         ValueError: raw rows without a tokenizer, or the errors of tokenisation and packing
-            (malformed rows, pairs longer than the token budget).
+            (malformed rows, pairs longer than the token budget), or of the loss options (``DPOConfig``).
     """
 
     # compute_loss already divides by the pairs of the whole effective batch
@@ -84,11 +105,19 @@ class DPOTrainer(Trainer):
         eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
         super().__init__(model=model, args=args, data_collator=pack_pairs, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._metric_sums = {mode: defaultdict(lambda: [0.0, 0.0]) for mode in ("train", "eval")}
+        self._token_sums = {mode: [0.0, 0.0] for mode in ("train", "eval")}
         self._last_log_time = time.perf_counter()
+        terms = loss_terms(args.loss_type, args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
+                           f_divergence_type=args.f_divergence_type, discopop_tau=args.discopop_tau,
+                           rpo_alpha=args.rpo_alpha, weighted=args.use_weighting, ld_alpha=args.ld_alpha)
+        self._nll = uses_nll(terms, args.cpo_alpha)
+        self._orpo = args.loss_type == ["orpo"]
+        self._length_normalised = bool(LENGTH_NORMALISED_LOSSES & set(args.loss_type))
+        self._uses_reference = not (args.reference_free or REFERENCE_FREE_LOSSES & set(args.loss_type))
 
         self.ref_model = None
-        if not args.reference_free:
+        if self._uses_reference:
             if ref_model is not None:
                 self.ref_model = ref_model
             elif not _is_peft(model):
@@ -96,7 +125,7 @@ class DPOTrainer(Trainer):
             if self.ref_model is not None:
                 self.ref_model.requires_grad_(False).eval()
                 self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        if args.precompute_ref_log_probs and not args.reference_free:
+        if args.precompute_ref_log_probs and self._uses_reference:
             self.train_dataset = self._with_reference(self.train_dataset, "train")
             if self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference(self.eval_dataset, "eval")
@@ -134,33 +163,41 @@ class DPOTrainer(Trainer):
         return self._packed_loader(dataset, shuffle=False)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The micro-batches of one optimiser step and their number of pairs, over all processes."""
+        """The micro-batches of one optimiser step and their number of pairs, over all processes; with an NLL
+        term each micro-batch also gets ``effective_nll_tokens``, the effective batch's chosen NLL tokens."""
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
-        pairs = torch.tensor([sum(num_pairs(b) for b in batch_samples)], device=device)
+        nll_tokens = sum(int(chosen_nll_tokens(b, with_prompt=self._orpo).sum()) for b in batch_samples) \
+            if self._nll else 0
+        counts = torch.tensor([[sum(num_pairs(b) for b in batch_samples), nll_tokens]], device=device)
         if self.args.world_size > 1:
-            pairs = self.accelerator.gather(pairs)
-        return batch_samples, pairs.sum()
+            counts = self.accelerator.gather(counts)
+        pairs, nll_tokens = counts.sum(0)
+        if self._nll:
+            for batch in batch_samples:
+                batch["effective_nll_tokens"] = nll_tokens
+        return batch_samples, pairs
 
     # ------------------------------------------------------------- reference
-    def _reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.args.reference_free:
-            zeros = batch["input_ids"].new_zeros(num_pairs(batch), dtype=torch.float32)
-            return zeros, zeros
+    def _reference_logps(self, model, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reference log-probs (LD-DPO-weighted with ``ld_alpha``, as TRL), or (None, None) without a reference."""
+        if not self._uses_reference:
+            return None, None
         if REF_COLUMNS[0] in batch:
             return batch[REF_COLUMNS[0]], batch[REF_COLUMNS[1]]
         with torch.no_grad():
             if self.ref_model is not None:
-                chosen, rejected, _ = packed_sequence_logps(self.ref_model, batch)
+                chosen, rejected, _ = packed_sequence_logps(self.ref_model, batch, ld_alpha=self.args.ld_alpha)
             else:
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    chosen, rejected, _ = packed_sequence_logps(model, batch)
+                    chosen, rejected, _ = packed_sequence_logps(model, batch, ld_alpha=self.args.ld_alpha)
         return chosen, rejected
 
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
         """The dataset with reference log-prob columns, cached by datasets under a fingerprint of the
         data and the reference weights (the main process computes, the others read its cache)."""
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
-        fingerprint = Hasher.hash((dataset._fingerprint, model_fingerprint(ref, exclude_adapters=True), "ref-v1"))
+        fingerprint = Hasher.hash((dataset._fingerprint, model_fingerprint(ref, exclude_adapters=True), "ref-v1",
+                                   self.args.ld_alpha))
         model = self.ref_model if self.ref_model is not None else self.model
 
         def compute(rows: dict) -> dict:
@@ -187,30 +224,48 @@ class DPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Mean DPO loss over the pairs of the effective batch (``num_items_in_batch`` pairs over all
-        processes; scaled by the process count because DDP averages gradients), or over this
-        micro-batch when no count is given (evaluation)."""
-        policy_chosen, policy_rejected, _ = packed_sequence_logps(model, inputs)
+        """Mean loss over the pairs of the effective batch (``num_items_in_batch`` pairs over all processes;
+        scaled by the process count because DDP averages gradients), or over this micro-batch when no count
+        is given (evaluation). See the class docstring for the NLL term's normalisation."""
+        args = self.args
+        policy = pair_logps(model, inputs, ld_alpha=args.ld_alpha, wpo=args.use_weighting, prompt_nll=self._orpo)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
+        nll_tokens = policy.nll_tokens.sum()
+        if num_items_in_batch is not None and "effective_nll_tokens" in inputs:
+            nll_tokens = inputs["effective_nll_tokens"] * num_pairs(inputs) / num_items_in_batch
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type=self.args.loss_type,
-            beta=self.args.beta, label_smoothing=self.args.label_smoothing, reference_free=self.args.reference_free,
+            policy.chosen, policy.rejected, ref_chosen, ref_rejected,
+            chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
+            chosen_nll=policy.chosen_nll, nll_tokens=nll_tokens, pair_weights=policy.wpo_weights,
+            **{name: getattr(args, name) for name in CONFIG_OPTIONS},
         )
         if num_items_in_batch is None:
             loss = losses.mean()
         else:
             loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
-        self._accumulate_metrics("train" if model.training else "eval", inputs, {
+        self._log_loss_metrics("train" if model.training else "eval", inputs, policy, losses, chosen_rewards,
+                               rejected_rewards)
+        return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
+            else loss
+
+    def _log_loss_metrics(self, mode, inputs, policy, losses, chosen_rewards, rejected_rewards) -> None:
+        chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
+        if self._length_normalised:
+            chosen, rejected = chosen / policy.chosen_lengths, rejected / policy.rejected_lengths
+        per_pair = {
             "loss": losses.detach(),
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": policy_chosen.detach(),
-            "logps/rejected": policy_rejected.detach(),
-        })
-        return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
-            else loss
+            "logps/chosen": chosen,
+            "logps/rejected": rejected,
+        }
+        if self._orpo:
+            log_odds = orpo_log_odds(chosen, rejected)
+            per_pair.update({"log_odds_ratio": torch.nn.functional.logsigmoid(log_odds), "log_odds_chosen": log_odds})
+        per_token = {"nll_loss": (policy.chosen_nll.detach().sum(), policy.nll_tokens.sum())} if self._nll else {}
+        self._accumulate_metrics(mode, inputs, per_pair, per_token)
 
     def evaluate(self, *args, **kwargs):
         start = time.perf_counter()
@@ -226,33 +281,40 @@ class DPOTrainer(Trainer):
         return loss.detach(), None, None
 
     # --------------------------------------------------------------- metrics
-    def _accumulate_metrics(self, mode: str, batch: dict, per_pair: dict[str, torch.Tensor]) -> None:
-        """Sums over pairs (and token counts), reduced over processes; ``log`` turns them into means."""
-        tokens = batch["input_ids"].numel()
-        sums = torch.stack([v.float().sum() for v in per_pair.values()] + [
-            torch.tensor(float(num_pairs(batch)), device=batch["input_ids"].device),
-            torch.tensor(float(tokens), device=batch["input_ids"].device),
-            torch.tensor(float(int(batch["cu_seqlens"][-1])), device=batch["input_ids"].device),
-        ])
+    def _accumulate_metrics(self, mode: str, batch: dict, per_pair: dict[str, torch.Tensor],
+                            per_token: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Sums and counts, reduced over processes, for means over pairs (``per_pair``: [B] values) or over
+        tokens (``per_token``: (sum, token count)); ``log`` divides them."""
+        device = batch["input_ids"].device
+        pairs = torch.tensor(float(num_pairs(batch)), device=device)
+        entries = {k: (v.float().sum(), pairs) for k, v in per_pair.items()}
+        entries.update({k: (total.float(), count.float()) for k, (total, count) in per_token.items()})
+        tokens = [torch.tensor(float(batch["input_ids"].numel()), device=device),
+                  torch.tensor(float(int(batch["cu_seqlens"][-1])), device=device)]
+        sums = torch.stack([x for pair in entries.values() for x in pair] + tokens)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
-        for key, value in zip([*per_pair, "pairs", "processed_tokens", "real_tokens"], sums.tolist()):
-            self._metric_sums[mode][key] += value
+        values = sums.tolist()
+        for i, key in enumerate(entries):
+            self._metric_sums[mode][key][0] += values[2 * i]
+            self._metric_sums[mode][key][1] += values[2 * i + 1]
+        self._token_sums[mode][0] += values[-2]
+        self._token_sums[mode][1] += values[-1]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         sums = self._metric_sums[mode]
-        if sums.get("pairs"):
-            pairs = sums.pop("pairs")
-            processed, real = sums.pop("processed_tokens"), sums.pop("real_tokens")
+        if sums:
             prefix = "eval_" if mode == "eval" else ""
-            for key, total in sums.items():
-                if not (mode == "train" and key == "loss"):   # the Trainer's loss is the optimised one
-                    logs[prefix + key] = total / pairs
+            for key, (total, count) in sums.items():
+                if count and not (mode == "train" and key == "loss"):   # the Trainer's loss is the optimised one
+                    logs[prefix + key] = total / count
             if mode == "train":
+                processed, real = self._token_sums[mode]
                 now = time.perf_counter()
                 logs["tokens_per_second"] = processed / (now - self._last_log_time)
                 logs["packing_efficiency"] = real / processed
                 self._last_log_time = now
             sums.clear()
+            self._token_sums[mode] = [0.0, 0.0]
         super().log(logs, start_time)
