@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import yaml
 from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 
@@ -112,6 +114,17 @@ def _default_attn_implementation(device_type: str) -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
 
 
+def _checkpoint_to_resume(args) -> str | None:
+    """``--resume-from-checkpoint PATH``, or ``true``/``last`` for the newest checkpoint in ``--output-dir``."""
+    resume = args.resume_from_checkpoint
+    if resume is None or resume.lower() not in ("true", "last"):
+        return resume
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is None:
+        raise FileNotFoundError(f"--resume-from-checkpoint {resume}: no checkpoint in {args.output_dir}")
+    return last
+
+
 def train(argv: list[str]):
     """Run ``fastdpo train``: returns the finished ``DPOTrainer`` and a summary (wall time, peak
     RSS, dropped pairs), which is also printed."""
@@ -141,7 +154,7 @@ def train(argv: list[str]):
                          processing_class=tokenizer)
     for split, report in trainer.drop_reports.items():
         print(f"[fastdpo] {split}: {report}", flush=True)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
     trainer.save_model()
     trainer.save_state()     # trainer_state.json: the metric history, also without checkpoints
     summary = {

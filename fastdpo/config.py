@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,11 @@ class DPOConfig(TrainingArguments):
     )
     reference_free: bool = field(default=False, metadata={
         "help": "Ignore the reference model (log-probs taken as 0; TRL <= 0.28's reference_free)."})
+    skip_nonfinite_losses: bool = field(
+        default=False,
+        metadata={"help": "On a NaN/inf pair loss, leave those pairs out of the step (counted as skipped_pairs) "
+                          "instead of stopping with an error naming the step and the pairs."},
+    )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
@@ -83,6 +89,10 @@ class DPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # Launched distributed on a machine without accelerators: only use_cpu makes the processes
+            # join one gloo group; without it each would train alone and keep its own gradients.
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if isinstance(self.loss_type, str):

@@ -57,10 +57,26 @@ def pack_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
         "targets": torch.tensor(targets, dtype=torch.long),
         "label_cu_seqlens": torch.tensor(label_cu_seqlens, dtype=torch.int32),
     }
+    if all("pair_index" in row for row in rows):
+        batch["pair_index"] = torch.tensor([row["pair_index"] for row in rows], dtype=torch.long)
     if all(col in row for row in rows for col in REF_COLUMNS):
         for col in REF_COLUMNS:
             batch[col] = torch.tensor([row[col] for row in rows], dtype=torch.float32)
     return batch
+
+
+class IndexedPairs(torch.utils.data.Dataset):
+    """A tokenised dataset whose rows also carry their index (``pair_index``), so that a failing pair
+    can be named."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "pair_index": index}
 
 
 def num_pairs(batch: dict) -> int:

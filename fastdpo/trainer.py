@@ -11,6 +11,8 @@ import copy
 import hashlib
 import itertools
 import logging
+import os
+import shutil
 import time
 from collections import defaultdict
 
@@ -19,13 +21,20 @@ import torch
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+try:   # a function since transformers 5.x, a Trainer method before
+    from transformers.trainer_utils import rotate_checkpoints
+except ImportError:
+    rotate_checkpoints = None
 
 from .config import DPOConfig
 from .data import tokenize_pairs
 from .losses import (CONFIG_OPTIONS, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LOSSES, dpo_loss, loss_terms,
                      orpo_log_odds, uses_nll)
 from .modeling import _causal_lm, chosen_nll_tokens, packed_sequence_logps, pair_logps
-from .packing import REF_COLUMNS, TokenBudgetBatchSampler, num_pairs, pack_pairs, pair_length
+from .packing import REF_COLUMNS, IndexedPairs, TokenBudgetBatchSampler, num_pairs, pack_pairs, pair_length
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,15 @@ def model_fingerprint(model: torch.nn.Module, *, exclude_adapters: bool) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _rotate(trainer: Trainer, run_dir: str) -> None:
+    """The Trainer's own deletion of checkpoints beyond ``save_total_limit``."""
+    if rotate_checkpoints is None:
+        trainer._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+    else:
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
 
 
 class DPOTrainer(Trainer):
@@ -148,7 +166,7 @@ class DPOTrainer(Trainer):
         lengths = [pair_length(row) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
         sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle,
                                           seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+        loader = DataLoader(IndexedPairs(dataset), batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 
@@ -222,6 +240,36 @@ class DPOTrainer(Trainer):
         finally:
             model.train(was_training)
 
+    # ------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        """Checkpoints appear whole or not at all: the Trainer writes ``checkpoint-N`` under
+        ``output_dir/.staging`` and the main process moves it into place with one rename, so a process
+        killed mid-save leaves no half-written ``checkpoint-N`` for ``--resume-from-checkpoint`` to pick."""
+        if trial is not None:   # hyperparameter search keeps the Trainer's own layout
+            return super()._save_checkpoint(model, trial)
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, ".staging")
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)   # what a killed save left behind
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()   # every rank has written its RNG state
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step and os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+                self.state.save_to_json(os.path.join(final, TRAINER_STATE_NAME))
+            _rotate(self, run_dir)
+        self.accelerator.wait_for_everyone()
+
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean loss over the pairs of the effective batch (``num_items_in_batch`` pairs over all processes;
@@ -239,6 +287,8 @@ class DPOTrainer(Trainer):
             chosen_nll=policy.chosen_nll, nll_tokens=nll_tokens, pair_weights=policy.wpo_weights,
             **{name: getattr(args, name) for name in CONFIG_OPTIONS},
         )
+        if model.training and not bool(torch.isfinite(losses).all()):
+            return self._nonfinite(model, inputs, losses)
         if num_items_in_batch is None:
             loss = losses.mean()
         else:
@@ -247,6 +297,22 @@ class DPOTrainer(Trainer):
                                rejected_rewards)
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
             else loss
+
+    def _nonfinite(self, model, inputs, losses):
+        """A NaN/inf pair loss stops training, naming the step and the pairs; with ``skip_nonfinite_losses`` the
+        micro-batch is left out instead. Its backward would spread the NaN through every shared weight, so the
+        skip returns a zero that reaches every trainable parameter (DDP still gets each gradient) through no
+        activation at all."""
+        bad = ~torch.isfinite(losses)
+        pairs = (inputs["pair_index"][bad] if "pair_index" in inputs else bad.nonzero().flatten()).tolist()
+        where = f"step {self.state.global_step + 1}, training pair(s) {pairs} (losses {losses[bad].tolist()})"
+        if not self.args.skip_nonfinite_losses:
+            raise FloatingPointError(f"non-finite DPO loss at {where}; the weights were not updated. "
+                                     "Set skip_nonfinite_losses to leave such micro-batches out.")
+        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", num_pairs(inputs), where)
+        self._metric_sums["train"]["skipped_pairs"][0] += num_pairs(inputs)
+        self._metric_sums["train"]["skipped_pairs"][1] = 1.0
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
     def _log_loss_metrics(self, mode, inputs, policy, losses, chosen_rewards, rejected_rewards) -> None:
         chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
@@ -309,8 +375,8 @@ class DPOTrainer(Trainer):
             for key, (total, count) in sums.items():
                 if count and not (mode == "train" and key == "loss"):   # the Trainer's loss is the optimised one
                     logs[prefix + key] = total / count
-            if mode == "train":
-                processed, real = self._token_sums[mode]
+            processed, real = self._token_sums[mode]
+            if mode == "train" and processed:   # a window of skipped micro-batches processed nothing
                 now = time.perf_counter()
                 logs["tokens_per_second"] = processed / (now - self._last_log_time)
                 logs["packing_efficiency"] = real / processed

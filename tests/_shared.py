@@ -38,3 +38,18 @@ def tiny_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def write_tiny_run(root, pairs: int = 16):
+    """A tiny random Llama checkpoint (SmolLM2's tokenizer) and hand-written arithmetic pairs, for
+    end-to-end runs of `fastdpo train` that take seconds. Returns (model_dir, data_file)."""
+    import json
+
+    model_dir, data = root / "tiny", root / "pairs.jsonl"
+    tiny_llama(seed=21).save_pretrained(model_dir)
+    smollm2_tokenizer().save_pretrained(model_dir)
+    with open(data, "w") as f:
+        for i in range(pairs):
+            f.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+                                "rejected": f" It is {2 * i + 1}, I think."}) + "\n")
+    return model_dir, data

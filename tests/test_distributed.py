@@ -1,0 +1,53 @@
+"""`accelerate launch -m fastdpo train` with 2 CPU processes (gloo) equals one process with the same
+effective batch: same loss trace, same trained weights (so gradients were all-reduced)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _shared import write_tiny_run
+
+# Not the repository root: `python -m` puts the working directory on sys.path, where kernels/ would
+# shadow Hugging Face's `kernels` package for the libraries that probe for it.
+CWD = tempfile.gettempdir()
+
+pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher not installed")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    write_tiny_run(root)
+    return root
+
+
+def train(root, name, launcher, accumulation):
+    out = root / name
+    cmd = [*launcher, "-m", "fastdpo", "train", "--model", str(root / "tiny"), "--dataset", str(root / "pairs.jsonl"),
+           "--max-tokens-per-batch", "64", "--gradient-accumulation-steps", str(accumulation), "--max-steps", "3",
+           "--logging-steps", "1", "--optim", "sgd", "--learning-rate", "0.5", "--use-peft", "--lora-dropout", "0",
+           "--output-dir", str(out), "--report-to", "none", "--save-strategy", "no", "--disable-tqdm", "true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=CWD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h], load_file(out / "adapter_model.safetensors")
+
+
+def test_two_processes_equal_one_with_the_same_effective_batch(setup):
+    single_losses, single_weights = train(setup, "single", [sys.executable], accumulation=4)
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    dist_losses, dist_weights = train(setup, "ddp", launcher, accumulation=2)
+    assert len(single_losses) == len(dist_losses) == 3
+    assert single_losses[-1] < single_losses[0]
+    assert dist_losses == pytest.approx(single_losses, rel=1e-5)
+    # SGD keeps the update linear in the gradient (Adam's first steps would amplify rounding in tiny gradients)
+    for name, w in single_weights.items():
+        assert (dist_weights[name] - w).norm() <= 1e-5 * w.norm(), name
