@@ -1,10 +1,11 @@
 """One DPO training step, end to end: fastdpo's trainer against TRL's DPOTrainer, same data and settings.
 
 Both train SmolLM2-135M-Instruct (the shared GGUF, converted once to an fp32 checkpoint) with LoRA
-(r 16, alpha 32, all linear layers), fp32, no gradient checkpointing, the reference being the
-policy with its adapter disabled, on the first ``--pairs`` rows of a preference file. Each trainer
-runs in a fresh process; per optimiser step we record wall time, the pairs and real tokens it
-trained on and the tokens it processed (padding included), and the process's peak RSS.
+(r 16, alpha 32, all linear layers), no gradient checkpointing, the reference being the policy with
+its adapter disabled, on the first ``--pairs`` rows of a preference file; fp32 on CPU, bf16 autocast
+on CUDA. Each trainer runs in a fresh process; per optimiser step we record wall time, the pairs and
+real tokens it trained on and the tokens it processed (padding included), and the process's peak
+memory (CPU: peak RSS; CUDA: ``torch.cuda.max_memory_allocated``).
 
     pip install -e ".[peers]"     # TRL
     python benchmarks/bench_dpo_step.py --out benchmarks/results/cpu-dpo-step
@@ -27,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_MODEL = SHARED / "models" / "SmolLM2-135M-Instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DATA = SHARED / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+from benchlib.env import default_device, header, metadata
+from benchlib.paths import DEFAULT_MODEL, HH_DATA
 
 
 class StepRecorder:
@@ -77,11 +77,13 @@ def run(trainer_name: str, args) -> dict:
     tokenizer = load_tokenizer(source)
     model = apply_lora(load_causal_lm(source), r=16, alpha=32, dropout=0.05)
     data = datasets.load_dataset("json", data_files=str(args.dataset), split="train").select(range(args.pairs))
-    common = dict(output_dir=f"/tmp/bench-{trainer_name}", report_to=[], use_cpu=True, bf16=False, fp16=False,
+    cuda = args.device == "cuda"
+    common = dict(output_dir=f"/tmp/bench-{trainer_name}", report_to=[], use_cpu=not cuda, bf16=cuda, fp16=False,
                   gradient_checkpointing=False, learning_rate=3e-4, max_steps=args.steps, logging_steps=args.steps,
                   save_strategy="no", disable_tqdm=True, gradient_accumulation_steps=args.gradient_accumulation_steps,
                   max_length=args.max_length, beta=0.1, seed=0)
-    if trainer_name == "trl":
+    uses_trl = trainer_name in ("trl", "trl+fastdpo")
+    if uses_trl:
         from trl import DPOConfig, DPOTrainer
 
         config = DPOConfig(per_device_train_batch_size=args.pairs_per_micro_batch, **common)
@@ -91,6 +93,10 @@ def run(trainer_name: str, args) -> dict:
         config = DPOConfig(max_tokens_per_batch=args.max_tokens_per_batch, max_prompt_length=args.max_length // 2,
                            **common)
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    if trainer_name == "trl+fastdpo":   # TRL's trainer, its log-probs through fastdpo.linear_logps
+        from fastdpo.integrations.trl import patch_dpo_trainer
+
+        patch_dpo_trainer(trainer)
     recorder = StepRecorder(trainer.data_collator)
     trainer.data_collator = recorder
     trainer.add_callback(recorder.callback())
@@ -101,60 +107,77 @@ def run(trainer_name: str, args) -> dict:
 
     return {
         "trainer": trainer_name,
-        "version": md.version("trl" if trainer_name == "trl" else "fastdpo"),
+        "version": md.version("trl" if uses_trl else "fastdpo"),
         "median_step_s": statistics.median(s["time_s"] for s in steps),
         "pairs_per_step": total["pairs"] / len(steps),
         "s_per_pair": total["time_s"] / total["pairs"],
         "real_tokens_per_s": total["real_tokens"] / total["time_s"],
         "packing_efficiency": total["real_tokens"] / total["processed_tokens"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "steps": recorder.steps,
     }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| trainer | median step s | pairs/step | s/pair | real tokens/s | packing efficiency | peak RSS MiB |",
+    lines = ["| trainer | median step s | pairs/step | s/pair | real tokens/s | packing efficiency | peak memory MiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trainer']} {r['version']} | {r['median_step_s']:.2f} | {r['pairs_per_step']:.1f} | "
                      f"{r['s_per_pair']:.2f} | {r['real_tokens_per_s']:.0f} | {r['packing_efficiency']:.2f} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+                     f"{r['peak_memory_mib']:.0f} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--dataset", default=str(DEFAULT_DATA))
+    p.add_argument("--dataset", default=str(HH_DATA))
+    p.add_argument("--device", default=default_device(), choices=["cpu", "cuda"])
     p.add_argument("--pairs", type=int, default=120)
     p.add_argument("--steps", type=int, default=6, help="optimiser steps (the first is not timed)")
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--pairs-per-micro-batch", type=int, default=2, help="TRL's per_device_train_batch_size")
     p.add_argument("--max-tokens-per-batch", type=int, default=512, help="fastdpo's packed micro-batch budget")
     p.add_argument("--gradient-accumulation-steps", type=int, default=4)
-    p.add_argument("--trainers", default="fastdpo,trl")
+    p.add_argument("--trainers", default="fastdpo,trl,trl+fastdpo")
     p.add_argument("--out", help="path prefix for .json and .md results")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(run(args.child, args)))
-        return
+    return p
+
+
+def run_trainers(argv: list[str]) -> tuple[list[dict], str]:
+    """(rows, markdown) for the trainers named in ``argv``'s ``--trainers``, each in a fresh process."""
+    args = parser().parse_args(argv)
     rows = []
     for name in args.trainers.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", name]
+        cmd = [sys.executable, __file__, *argv, "--child", name]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            rows.append({"trainer": name, "skipped": proc.stderr.strip().splitlines()[-1:]})
+            rows.append({"trainer": name, "skipped": (proc.stderr.strip().splitlines() or ["?"])[-1]})
             print(f"{name}: skipped: {proc.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ran = [r for r in rows if "skipped" not in r]
-    md = (f"SmolLM2-135M-Instruct + LoRA r16, fp32, {args.pairs} HH pairs, max_length {args.max_length}, "
-          f"GA {args.gradient_accumulation_steps}; {time.strftime('%Y-%m-%d')}\n\n" + table(ran))
+    skipped = "".join(f"\n- {r['trainer']} skipped: {r['skipped']}" for r in rows if "skipped" in r)
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    md = (f"SmolLM2-135M-Instruct + LoRA r16, {precision}, {args.pairs} pairs of {Path(args.dataset).name}, "
+          f"max_length {args.max_length}, GA {args.gradient_accumulation_steps}\n\n" + table(ran) + skipped)
+    return rows, md
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.child:
+        print(json.dumps(run(args.child, args)))
+        return
+    rows, md = run_trainers(sys.argv[1:])
+    meta = metadata(args.device)
+    md = header(meta) + "\n\n" + md
     print(md)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
         Path(f"{args.out}.md").write_text(md + "\n")
 
 

@@ -29,8 +29,14 @@ def _weight_chunk(weight, bias, v0, v1):
     return w, (bias[v0:v1].float() if bias is not None else None)
 
 
-def _logit_tile(h, w, b, transform: LogitTransform) -> torch.Tensor:
-    z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
+def _logit_tile(h, w, b, transform: LogitTransform, buffer: torch.Tensor) -> torch.Tensor:
+    """Transformed fp32 logits of one tile, written into ``buffer``'s storage: every tile reuses one
+    allocation, so no freed tile lingers in the allocator's free lists as extra resident memory."""
+    z = buffer.view(-1)[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+    if b is not None:
+        torch.addmm(b, h, w.T, out=z)
+    else:
+        torch.mm(h, w.T, out=z)
     return transform.apply(z)
 
 
@@ -51,6 +57,7 @@ def linear_forward(hidden, weight, bias, labels, transform, primitives):
     s = torch.zeros(n, device=dev)
     label_logit = torch.empty(n, device=dev)
     acc = {name: torch.zeros(n, device=dev) for name in primitives}
+    buffer = torch.empty(n_tile, v_chunk, device=dev)
     if "max_other" in acc:
         acc["max_other"].fill_(float("-inf"))
     for v0 in range(0, v, v_chunk):
@@ -59,7 +66,7 @@ def linear_forward(hidden, weight, bias, labels, transform, primitives):
         for n0 in range(0, n, n_tile):
             n1 = min(n, n0 + n_tile)
             rows = slice(n0, n1)
-            z = _logit_tile(h32[rows], w, b, transform)
+            z = _logit_tile(h32[rows], w, b, transform, buffer)
             hit, local = _local_labels(labels[rows], v0, v1)
             label_logit[n0 + hit] = z[hit, local]
             m_old = m[rows]
@@ -99,6 +106,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad, transform, needs):
     dh = torch.zeros(n, d, device=dev) if need_dh else None
     dw = torch.zeros(v, d, device=dev, dtype=weight.dtype) if need_dw else None
     db = torch.zeros(v, device=dev) if need_db else None
+    buffer = torch.empty(n_tile, v_chunk, device=dev)
     for v0 in range(0, v, v_chunk):
         v1 = min(v, v0 + v_chunk)
         w, b = _weight_chunk(weight, bias, v0, v1)
@@ -109,12 +117,13 @@ def linear_backward(hidden, weight, bias, labels, lse, grad, transform, needs):
         for n0 in range(0, n, n_tile):
             n1 = min(n, n0 + n_tile)
             rows = slice(n0, n1)
-            z = _logit_tile(h32[rows], w, b, transform)
+            z = _logit_tile(h32[rows], w, b, transform, buffer)
             scale = transform.grad_scale(z)
             dz = z.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])      # -g * softmax, in place
             hit, local = _local_labels(labels[rows], v0, v1)
             dz[hit, local] += g[rows][hit]
-            dz.mul_(scale)
+            if not (isinstance(scale, float) and scale == 1.0):   # the identity transform needs no pass
+                dz.mul_(scale)
             if need_dh:
                 dh[rows].addmm_(dz, w)
             if need_dw:

@@ -1,0 +1,58 @@
+"""Worker process: measures a list of points and prints one result line per point as it goes.
+
+    python -m benchlib.worker < job.json      (run from benchmarks/; see ``benchlib.runner``)
+
+The job is ``{"points": [{"impl": name, "problem": {...}}, ...], "repeats": int, "budget_s": float}``
+(see ``benchlib.measure``). Points of one problem share its inputs and float64 references, so
+consecutive points should share a problem. An exception in one point becomes that row's ``skipped``
+reason and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import traceback
+
+import torch
+
+from .impls import IMPLS
+from .measure import measure
+from .problems import Problem, make_inputs
+from .reference import References
+
+ROW_PREFIX = "BENCH-ROW "     # libraries print to stdout too; result lines carry this prefix
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    current, inputs, refs = None, None, None
+    for point in job["points"]:
+        problem = Problem(**point["problem"])
+        if problem != current:
+            inputs = refs = None    # free the previous problem's tensors first
+            gc.collect()
+            inputs = make_inputs(problem)
+            refs = References(problem, inputs)
+            current = problem
+        impl = IMPLS[point["impl"]]
+        try:
+            row = measure(impl, problem, inputs, refs, job["repeats"], job["budget_s"])
+        except Exception as exc:    # a peer that fails at run time is reported, not fatal
+            traceback.print_exc(file=sys.stderr)
+            row = {"impl": impl.name, **problem.to_dict(), "skipped": _reason(exc)}
+            inputs.clear_grads()
+        print(ROW_PREFIX + json.dumps(row), flush=True)
+        gc.collect()
+        if problem.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
