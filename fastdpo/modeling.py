@@ -137,32 +137,21 @@ def chosen_nll_tokens(batch: dict, *, with_prompt: bool = False) -> torch.Tensor
     return _lengths(batch["label_cu_seqlens"])[0::2]
 
 
-def packed_sequence_logps(model: torch.nn.Module, batch: dict, *, average: bool = False,
-                          stats: tuple[str, ...] = (),
-                          ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Summed label log-probs of every chosen and rejected completion in a packed micro-batch.
+def packed_sequence_logps(model: torch.nn.Module, batch: dict, *,
+                          ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label log-probs of every chosen and rejected completion in a packed micro-batch
+    (the reference's share of ``pair_logps``).
 
     Args:
         model: a transformers causal LM, possibly wrapped by PEFT or DDP (forward as ``_label_logps``).
         batch: a micro-batch from ``fastdpo.packing.pack_pairs`` on the model's device.
-        average: per-completion mean instead of sum (NaN for an empty completion).
-        stats: per-token statistics of ``linear_logps`` to return.
         ld_alpha: LD-DPO's α (``ld_pair_logps``), or None for plain sums.
 
     Returns:
-        (chosen_logps [B], rejected_logps [B], {stat: [N] per-token values}), float32.
+        (chosen_logps [B], rejected_logps [B]), float32.
     """
-    token_logps, token_stats = _label_logps(model, batch, batch["logit_index"], batch["targets"], stats)
-    label_cu = batch["label_cu_seqlens"]
-    if ld_alpha is None:
-        sums = sequence_logps(token_logps, label_cu)
-        chosen, rejected = sums[0::2], sums[1::2]
-    else:
-        chosen, rejected = ld_pair_logps(token_logps, label_cu, ld_alpha)
-    if average:
-        lengths = _lengths(label_cu).to(chosen.device)
-        chosen, rejected = chosen / lengths[0::2], rejected / lengths[1::2]
-    return chosen, rejected, token_stats
+    pair = pair_logps(model, batch, ld_alpha=ld_alpha)
+    return pair.chosen, pair.rejected
 
 
 @dataclass

@@ -204,10 +204,10 @@ class DPOTrainer(Trainer):
             return batch[REF_COLUMNS[0]], batch[REF_COLUMNS[1]]
         with torch.no_grad():
             if self.ref_model is not None:
-                chosen, rejected, _ = packed_sequence_logps(self.ref_model, batch, ld_alpha=self.args.ld_alpha)
+                chosen, rejected = packed_sequence_logps(self.ref_model, batch, ld_alpha=self.args.ld_alpha)
             else:
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    chosen, rejected, _ = packed_sequence_logps(model, batch, ld_alpha=self.args.ld_alpha)
+                    chosen, rejected = packed_sequence_logps(model, batch, ld_alpha=self.args.ld_alpha)
         return chosen, rejected
 
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
