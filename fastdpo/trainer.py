@@ -8,7 +8,6 @@ precision and ``accelerate launch`` are transformers'; this class supplies the d
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import logging
 import os
@@ -20,6 +19,7 @@ import datasets
 import torch
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -35,6 +35,7 @@ from .losses import (CONFIG_OPTIONS, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LO
                      orpo_log_odds, uses_nll)
 from .modeling import _causal_lm, chosen_nll_tokens, packed_sequence_logps, pair_logps
 from .packing import REF_COLUMNS, IndexedPairs, TokenBudgetBatchSampler, num_pairs, pack_pairs, pair_length
+from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,6 @@ TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids
 
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def model_fingerprint(model: torch.nn.Module, *, exclude_adapters: bool) -> str:
-    """sha256 over parameter names and bytes (LoRA weights left out for an adapter-disabled reference)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if exclude_adapters and "lora_" in name:
-            continue
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _rotate(trainer: Trainer, run_dir: str) -> None:
@@ -211,34 +201,43 @@ class DPOTrainer(Trainer):
         return chosen, rejected
 
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
-        """The dataset with reference log-prob columns, cached by datasets under a fingerprint of the
-        data and the reference weights (the main process computes, the others read its cache)."""
+        """The dataset with reference log-prob columns, computed once per (data, reference weights, ld_alpha)
+        and cached on disk (``fastdpo.reference_cache``): each machine's main process computes or loads them
+        first, the other processes then load its file."""
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
-        fingerprint = Hasher.hash((dataset._fingerprint, model_fingerprint(ref, exclude_adapters=True), "ref-v1",
+        fingerprint = Hasher.hash((dataset._fingerprint, model_fingerprint(ref, exclude_adapters=True), "ref-v2",
                                    self.args.ld_alpha))
+        path = cache_path(fingerprint)
+        with self.accelerator.local_main_process_first():
+            cached = load_ref_logps(path, fingerprint, len(dataset))
+            if cached is None:
+                logger.info("reference log-probs (%s): computing %d pairs into %s", split, len(dataset), path)
+                cached = self._compute_reference(dataset, split)
+                save_ref_logps(path, fingerprint, *cached)
+            else:
+                logger.info("reference log-probs (%s): loaded from %s", split, path)
+        for column, values in zip(REF_COLUMNS, cached):
+            dataset = dataset.add_column(column, values.tolist(), new_fingerprint=Hasher.hash((fingerprint, column)))
+        return dataset
+
+    def _compute_reference(self, dataset: datasets.Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] float32 chosen and rejected reference log-probs of every pair, in token-budget micro-batches."""
         model = self.ref_model if self.ref_model is not None else self.model
-
-        def compute(rows: dict) -> dict:
-            pairs = [dict(zip(rows, values)) for values in zip(*rows.values())]
-            chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
-            sampler = TokenBudgetBatchSampler([pair_length(p) for p in pairs], self.args.max_tokens_per_batch,
-                                              shuffle=False)
-            for idx in sampler:
-                batch = self._prepare_inputs(pack_pairs([pairs[i] for i in idx]))
-                with self.compute_loss_context_manager():
-                    c, r = self._reference_logps(model, batch)
-                for i, vc, vr in zip(idx, c.tolist(), r.tolist()):
-                    chosen[i], rejected[i] = vc, vr
-            return {REF_COLUMNS[0]: chosen, REF_COLUMNS[1]: rejected}
-
+        rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
+        chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
+        sampler = TokenBudgetBatchSampler([pair_length(row) for row in rows], self.args.max_tokens_per_batch,
+                                          shuffle=False)
         was_training = model.training
         model.eval()
         try:
-            with self.accelerator.main_process_first():
-                return dataset.map(compute, batched=True, batch_size=512, new_fingerprint=fingerprint,
-                                   desc=f"reference log-probs ({split})")
+            for idx in tqdm(sampler, desc=f"reference log-probs ({split})", disable=self.args.disable_tqdm):
+                batch = self._prepare_inputs(pack_pairs([rows[i] for i in idx]))
+                with self.compute_loss_context_manager():
+                    c, r = self._reference_logps(model, batch)
+                chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
         finally:
             model.train(was_training)
+        return chosen, rejected
 
     # ------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):

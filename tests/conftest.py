@@ -20,3 +20,12 @@ def smollm2_cache(tmp_path_factory):
         mp.setenv("FASTDPO_CACHE", str(cache))
         models.gguf_checkpoint(models.ModelSource(str(SMOLLM2_DIR), SMOLLM2_GGUF.name))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def fastdpo_cache(tmp_path, monkeypatch):
+    """Every test writes fastdpo's caches (reference log-probs, converted checkpoints) to its own directory,
+    never to the user's; tests that need the converted SmolLM2 point $FASTDPO_CACHE at ``smollm2_cache``."""
+    cache = tmp_path / "fastdpo-cache"
+    monkeypatch.setenv("FASTDPO_CACHE", str(cache))
+    return cache
