@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -9,6 +10,8 @@ import torch
 from transformers import TrainingArguments
 
 from .losses import LOSS_TYPES, loss_terms
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +96,9 @@ class DPOConfig(TrainingArguments):
             # Launched distributed on a machine without accelerators: only use_cpu makes the processes
             # join one gloo group; without it each would train alone and keep its own gradients.
             self.use_cpu = True
+            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                logger.warning("accelerate runs FSDP on accelerators only: without one, these processes train "
+                               "data-parallel (DDP) with a full model replica each")
         if self.bf16 is None:
             self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if isinstance(self.loss_type, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor, Partial
 
 from .batch_logps import sequence_logps
 from .linear_logps import linear_logps
@@ -43,7 +44,7 @@ def _label_logps(model: torch.nn.Module, batch: dict, index: torch.Tensor, targe
     attention implementation (block-diagonal causal for sdpa/eager, a ``BlockMask`` for
     flex_attention, varlen for flash-attention), so attention never crosses a sequence boundary.
     Only the hidden states at ``index`` reach ``fastdpo.linear_logps``, with the model's head weight,
-    bias and logit transform.
+    bias and logit transform (an FSDP2-sharded head gathered first, ``_gathered``).
     """
     lm = _causal_lm(model)
     captured = []
@@ -53,9 +54,22 @@ def _label_logps(model: torch.nn.Module, batch: dict, index: torch.Tensor, targe
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
-    result = linear_logps(captured[-1][0, index], head.weight, targets, head.bias, stats=stats,
-                          **logit_transform(lm.config))
+    result = linear_logps(captured[-1][0, index], _gathered(head.weight), targets, _gathered(head.bias),
+                          stats=stats, **logit_transform(lm.config))
     return result if stats else (result, {})
+
+
+def _gathered(param: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole of an FSDP2-sharded head parameter, differentiably.
+
+    FSDP2 keeps the root module's parameters (embeddings, final norm, a head not sharded on its own)
+    gathered after the forward, so the head usually arrives whole. A head sharded as its own FSDP unit is
+    a ``DTensor`` shard again once its forward ends; it is all-gathered here, and its gradient goes back
+    as FSDP's own does: averaged over the ranks and scattered to the shards.
+    """
+    if not isinstance(param, DTensor):
+        return param
+    return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
 def _lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:

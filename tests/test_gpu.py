@@ -1,10 +1,18 @@
-"""The Triton kernels on a real GPU at full model size (skipped without CUDA)."""
+"""The Triton kernels on a real GPU at full model size, and an FSDP2 launch (skipped without CUDA)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastdpo
 from _reference import TOL, linear_logps64, random_inputs, rel_err
+from _shared import write_tiny_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,3 +74,26 @@ def test_get_batch_logps_on_gpu_bf16():
     ref = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, shifted.clamp_min(0)[..., None]).squeeze(-1)
     ref = (ref * (shifted != -100)).sum(-1)
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher not installed")
+def test_fsdp2_launch_equals_plain_run(tmp_path):
+    """`accelerate launch` with examples/accelerate/fsdp2.yaml (one GPU process: FSDP2 wrapping, DTensor
+    parameters, sharded checkpoints) trains like a plain run."""
+    model_dir, data = write_tiny_run(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+    traces = []
+    for name, launcher in (("plain", [sys.executable]),
+                           ("fsdp2", ["accelerate", "launch", "--config_file", str(config), "--num_processes", "1"])):
+        out = tmp_path / name
+        cmd = [*launcher, "-m", "fastdpo", "train", "--model", str(model_dir), "--dataset", str(data),
+               "--max-tokens-per-batch", "64", "--max-steps", "3", "--logging-steps", "1", "--optim", "sgd",
+               "--learning-rate", "0.5", "--use-peft", "--lora-dropout", "0", "--attn-implementation", "sdpa",
+               "--output-dir", str(out), "--report-to", "none", "--save-strategy", "steps", "--save-steps", "3",
+               "--disable-tqdm", "true"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        traces.append([h["loss"] for h in history if "loss" in h])
+        assert (out / "checkpoint-3").is_dir()
+    assert len(traces[0]) == 3 and traces[1] == pytest.approx(traces[0], rel=1e-4)
