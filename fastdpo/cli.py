@@ -43,9 +43,14 @@ class TrainArguments:
         "help": "Hold out this fraction of the (capped) train split for evaluation instead of --eval-split."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many pairs of the split."})
     ref_model: str | None = field(default=None, metadata={
-        "help": "A separate frozen reference model (same forms as --model). Default: the policy with its LoRA "
-                "adapters disabled (--use-peft), else a frozen copy of the policy."})
+        "help": "A separate frozen reference model (same forms as --model; with a LoRA policy it needs "
+                "--force-use-ref-model). Default: the policy with its LoRA adapters disabled (--use-peft, --adapter), "
+                "or the adapter's frozen copy (--ref-adapter-name), else a frozen copy of the policy."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "Train a saved LoRA adapter (a peft directory, e.g. an earlier --use-peft run's output) instead of a "
+                "new one; named --model-adapter-name (default 'default'). With --ref-adapter-name it is loaded a "
+                "second time, frozen, as the reference."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -99,7 +104,7 @@ def parse_train_args(argv: list[str]):
     script, args = parser.parse_args_into_dataclasses(args=argv)
     if script.dataset is None:
         parser.error("--dataset is required (a file, a directory or a hub dataset name)")
-    if script.load_in_4bit and not script.use_peft:
+    if script.load_in_4bit and not (script.use_peft or script.adapter):
         parser.error("--load-in-4bit trains LoRA adapters on a frozen 4-bit base: add --use-peft (QLoRA)")
     if script.eval_split and script.eval_fraction:
         parser.error("give --eval-split or --eval-fraction, not both")
@@ -129,7 +134,7 @@ def train(argv: list[str]):
     """Run ``fastdpo train``: returns the finished ``DPOTrainer`` and a summary (wall time, peak
     RSS, dropped pairs), which is also printed."""
     from .data import load_preference_dataset
-    from .models import apply_lora, load_causal_lm, load_tokenizer, resolve_model
+    from .models import apply_lora, load_causal_lm, load_lora_adapter, load_tokenizer, resolve_model
     from .trainer import DPOTrainer
 
     script, args = parse_train_args(argv)
@@ -146,7 +151,10 @@ def train(argv: list[str]):
     load = dict(dtype=getattr(torch, script.dtype), trust_remote_code=script.trust_remote_code,
                 attn_implementation=script.attn_implementation or _default_attn_implementation(args.device.type))
     model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
-    if script.use_peft:
+    if script.adapter:
+        model = load_lora_adapter(model, script.adapter, adapter_name=args.model_adapter_name or "default",
+                                  ref_adapter_name=args.ref_adapter_name, quantized=script.load_in_4bit)
+    elif script.use_peft:
         model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                            target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
     ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if script.ref_model else None

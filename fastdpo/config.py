@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES, loss_terms
+from .losses import LOSS_TYPES, REFERENCE_FREE_LOSSES, loss_terms
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,17 @@ class DPOConfig(TrainingArguments):
     ``bf16`` None = on where the GPU supports it and off elsewhere (CPUs without bf16 units run bf16
     matmuls over 10x slower than fp32).
 
+    Reference options (``DPOTrainer`` documents the modes): ``model_adapter_name``/``ref_adapter_name`` and
+    ``force_use_ref_model`` as TRL <= 0.28's DPOConfig; ``sync_ref_model``, ``ref_model_mixup_alpha``,
+    ``ref_model_sync_steps`` (TR-DPO) and ``router_aux_loss_coef`` (MoE) as TRL 1.16's.
+
     Raises:
         ValueError: an invalid loss configuration (see ``fastdpo.losses.loss_terms``: unknown loss types,
             loss_weights of another length, combinations TRL rejects), ``truncation_mode`` other than
-            keep_end/keep_start, ``max_tokens_per_batch < 2``.
+            keep_end/keep_start, ``max_tokens_per_batch < 2``; ``ref_adapter_name`` equal to
+            ``model_adapter_name``; ``sync_ref_model`` with ``precompute_ref_log_probs`` (TRL 1.16's check and
+            message) or without a reference (``reference_free``, cpo/simpo/orpo); ``ref_model_mixup_alpha``
+            outside (0, 1] or ``ref_model_sync_steps < 1``; a negative ``router_aux_loss_coef``.
     """
 
     beta: float = field(default=0.1, metadata={
@@ -77,6 +84,29 @@ class DPOConfig(TrainingArguments):
     )
     reference_free: bool = field(default=False, metadata={
         "help": "Ignore the reference model (log-probs taken as 0; TRL <= 0.28's reference_free)."})
+    model_adapter_name: str | None = field(default=None, metadata={
+        "help": "Name of the train target PEFT adapter, when using LoRA with multiple adapters (default: the "
+                "policy's active adapter)."})
+    ref_adapter_name: str | None = field(default=None, metadata={
+        "help": "Name of the reference PEFT adapter, when using LoRA with multiple adapters: the reference pass "
+                "switches to it (frozen) instead of disabling the adapters."})
+    force_use_ref_model: bool = field(default=False, metadata={
+        "help": "If you provide a PEFT model as the active model and wish to use a different model for the "
+                "`ref_model`, set this flag to `True`."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "Whether to synchronize the reference model with the active model every `ref_model_sync_steps` "
+                "steps, using the `ref_model_mixup_alpha` parameter (TR-DPO, https://huggingface.co/papers/2404.09656). "
+                "Not compatible with PEFT or `precompute_ref_log_probs=True`."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={
+        "help": "TR-DPO's α in (0, 1]: the reference becomes `α * π_θ + (1 - α) * π_ref_prev` at each sync "
+                "(1 = hard update). Needs `sync_ref_model=True`."})
+    ref_model_sync_steps: int = field(default=512, metadata={
+        "help": "TR-DPO's τ: synchronize the reference every this many optimiser steps. Needs `sync_ref_model=True`."})
+    router_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "Coefficient of the load-balancing auxiliary loss of Mixture-of-Experts models whose config sets "
+                "`output_router_logits`, added to the policy's loss with this weight. When not set, the value declared "
+                "by the model config is used. Set to `0.0` to disable it. Fails with a model that returns no router "
+                "logits."})
     skip_nonfinite_losses: bool = field(
         default=False,
         metadata={"help": "On a NaN/inf pair loss, leave those pairs out of the step (counted as skipped_pairs) "
@@ -110,4 +140,31 @@ class DPOConfig(TrainingArguments):
             raise ValueError(f"truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
         if self.max_tokens_per_batch < 2:
             raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
+        if self.ref_adapter_name is not None and self.ref_adapter_name == self.model_adapter_name:
+            raise ValueError(f"ref_adapter_name and model_adapter_name are both {self.ref_adapter_name!r}: the "
+                             "reference adapter must be a second, frozen copy under another name")
+        self._check_sync_ref_model()
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0 (0 disables the MoE auxiliary loss), "
+                             f"got {self.router_aux_loss_coef}")
         super().__post_init__()
+
+    def _check_sync_ref_model(self) -> None:
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must be in (0, 1] (1 = copy the policy into the reference), "
+                             f"got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps must be at least 1, got {self.ref_model_sync_steps}")
+        if not self.sync_ref_model:
+            return
+        if self.precompute_ref_log_probs:
+            raise ValueError(
+                "You cannot use `sync_ref_model=True` together with `precompute_ref_log_probs=True`. "
+                "`precompute_ref_log_probs=True` assumes a fixed reference model, but with `sync_ref_model=True` "
+                "the reference model is periodically updated during training, making any precomputed reference "
+                "log-probs stale. Set `precompute_ref_log_probs=False` or disable `sync_ref_model`."
+            )
+        free = sorted(REFERENCE_FREE_LOSSES & set(self.loss_type))
+        if self.reference_free or free:
+            why = "reference_free=True" if self.reference_free else f"loss_type {free} needs no reference model"
+            raise ValueError(f"sync_ref_model=True has no reference model to synchronize: {why}")

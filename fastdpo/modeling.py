@@ -32,9 +32,10 @@ def logit_transform(config) -> dict:
 
 
 def _label_logps(model: torch.nn.Module, batch: dict, index: torch.Tensor, targets: torch.Tensor,
-                 stats: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
-    """One forward of the packed stream; ``log p(targets[j])`` at stream positions ``index[j]`` ([M] fp32)
-    and the requested per-token statistics ({name: [M]}).
+                 stats: tuple[str, ...]) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """One forward of the packed stream; ``log p(targets[j])`` at stream positions ``index[j]`` ([M] fp32),
+    the requested per-token statistics ({name: [M]}) and the forward's ``aux_loss`` (a scalar: the MoE
+    router load-balancing loss of a model whose config sets ``output_router_logits``, else None).
 
     The model's own forward runs (so DDP's gradient synchronisation, PEFT adapters and their
     disabling, and gradient checkpointing all apply) with ``logits_to_keep=1``, which leaves its LM
@@ -44,19 +45,23 @@ def _label_logps(model: torch.nn.Module, batch: dict, index: torch.Tensor, targe
     attention implementation (block-diagonal causal for sdpa/eager, a ``BlockMask`` for
     flex_attention, varlen for flash-attention), so attention never crosses a sequence boundary.
     Only the hidden states at ``index`` reach ``fastdpo.linear_logps``, with the model's head weight,
-    bias and logit transform (an FSDP2-sharded head gathered first, ``_gathered``).
+    bias and logit transform (an FSDP2-sharded head gathered first, ``_gathered``). ``logits_to_keep`` only
+    trims the LM head's input: the routers see every token, and as the stream has no padding, the aux loss
+    needs no attention mask.
     """
     lm = _causal_lm(model)
     captured = []
     hook = lm.get_decoder().register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
     try:
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+        output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       logits_to_keep=1)
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
     result = linear_logps(captured[-1][0, index], _gathered(head.weight), targets, _gathered(head.bias),
                           stats=stats, **logit_transform(lm.config))
-    return result if stats else (result, {})
+    logps, stats = result if stats else (result, {})
+    return logps, stats, getattr(output, "aux_loss", None)
 
 
 def _gathered(param: torch.Tensor | None) -> torch.Tensor | None:
@@ -170,7 +175,7 @@ def packed_sequence_logps(model: torch.nn.Module, batch: dict, *,
 
 @dataclass
 class PairLogps:
-    """The per-pair inputs of ``fastdpo.dpo_loss`` from one packed micro-batch, each [B]."""
+    """The per-pair inputs of ``fastdpo.dpo_loss`` from one packed micro-batch, each [B] (``aux_loss`` a scalar)."""
 
     chosen: torch.Tensor             # summed completion log-probs (LD-DPO-weighted with ld_alpha), fp32
     rejected: torch.Tensor
@@ -179,6 +184,7 @@ class PairLogps:
     chosen_nll: torch.Tensor         # −Σ log p over the chosen NLL tokens (plain, never LD-weighted), fp32
     nll_tokens: torch.Tensor         # their counts, int64
     wpo_weights: torch.Tensor | None  # WPO's w_c · w_r, no grad
+    aux_loss: torch.Tensor | None = None  # scalar MoE router load-balancing loss of the forward (None: dense)
 
 
 def pair_logps(model: torch.nn.Module, batch: dict, *, ld_alpha: float | None = None, wpo: bool = False,
@@ -199,7 +205,7 @@ def pair_logps(model: torch.nn.Module, batch: dict, *, ld_alpha: float | None = 
     if prompt_nll:
         prompt_index, prompt_targets, prompt_spans = chosen_prompt_targets(batch)
         index, targets = torch.cat([index, prompt_index]), torch.cat([targets, prompt_targets])
-    logps, stats = _label_logps(model, batch, index, targets, ("log_sum_p2",) if wpo else ())
+    logps, stats, aux_loss = _label_logps(model, batch, index, targets, ("log_sum_p2",) if wpo else ())
     token_logps, label_cu = logps[:n], batch["label_cu_seqlens"]
     sums = sequence_logps(token_logps, label_cu)
     lengths = _lengths(label_cu).to(sums.device)
@@ -211,4 +217,5 @@ def pair_logps(model: torch.nn.Module, batch: dict, *, ld_alpha: float | None = 
         chosen=chosen, rejected=rejected, chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
         chosen_nll=chosen_nll, nll_tokens=chosen_nll_tokens(batch, with_prompt=prompt_nll).to(sums.device),
         wpo_weights=wpo_weights(token_logps, stats["log_sum_p2"][:n], label_cu) if wpo else None,
+        aux_loss=aux_loss,
     )

@@ -353,6 +353,45 @@ def apply_lora(
     return peft.get_peft_model(model, config)
 
 
+def load_lora_adapter(
+    model: transformers.PreTrainedModel,
+    path: str,
+    *,
+    adapter_name: str = "default",
+    ref_adapter_name: str | None = None,
+    quantized: bool = False,
+) -> peft.PeftModel:
+    """Wrap ``model`` in a saved adapter to train further, optionally loaded a second time, frozen, as the
+    reference (the two-adapter reference of TRL's PEFT docs: ``DPOConfig.ref_adapter_name``).
+
+    Args:
+        model: the base model the adapter was trained on (modified in place by peft).
+        path: a directory written by ``PeftModel.save_pretrained`` (e.g. by ``fastdpo train --use-peft``).
+        adapter_name: the trainable copy's name (``DPOConfig.model_adapter_name``).
+        ref_adapter_name: the frozen copy's name, or None for no second copy.
+        quantized: as ``apply_lora``.
+
+    Raises:
+        ValueError: ``ref_adapter_name == adapter_name``, or a name that is an ``nn.Module`` attribute (such as
+            "train"); peft's errors for a missing or mismatched adapter.
+    """
+    import peft
+
+    if ref_adapter_name == adapter_name:
+        raise ValueError(f"the reference adapter needs its own name, not the trained adapter's {adapter_name!r}")
+    for name in (adapter_name, ref_adapter_name):
+        if name is not None and hasattr(torch.nn.ModuleDict, name):
+            # peft keys each layer's nn.ModuleDicts by adapter name; add_module refuses a method's name.
+            raise ValueError(f"adapter name {name!r} is an nn.Module attribute, which peft cannot use as an adapter "
+                             "name: choose another (e.g. 'policy')")
+    if quantized:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=True)
+    if ref_adapter_name is not None:
+        model.load_adapter(path, adapter_name=ref_adapter_name, is_trainable=False)
+    return model
+
+
 def _lm_head_name(model: transformers.PreTrainedModel) -> str:
     head = model.get_output_embeddings()
     return next((name for name, module in model.named_modules() if module is head), "lm_head")

@@ -35,6 +35,7 @@ from .losses import (CONFIG_OPTIONS, LENGTH_NORMALISED_LOSSES, REFERENCE_FREE_LO
                      orpo_log_odds, uses_nll)
 from .modeling import _causal_lm, chosen_nll_tokens, packed_sequence_logps, pair_logps
 from .packing import REF_COLUMNS, IndexedPairs, TokenBudgetBatchSampler, num_pairs, pack_pairs, pair_length
+from .reference import SyncRefModelCallback, check_sync_compatible, reference_adapter
 from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
 
 logger = logging.getLogger(__name__)
@@ -60,14 +61,34 @@ class DPOTrainer(Trainer):
 
     Args:
         model: the policy, a causal LM (or a ``peft.PeftModel``; with ``peft_config`` it is wrapped here).
-        ref_model: a frozen reference model. Without it the reference is the policy with its adapters
-            disabled (PEFT), a frozen copy of the policy (full fine-tuning), or nothing with
-            ``args.reference_free``.
+        ref_model: a frozen reference model (with a PEFT policy only with ``args.force_use_ref_model``).
         args: a ``DPOConfig``.
         train_dataset, eval_dataset: raw preference rows in any of TRL's formats (tokenised here
             with ``fastdpo.data.tokenize_pairs``) or already tokenised pairs.
         processing_class: the tokenizer (required for raw rows; saved with the model).
         peft_config: a ``peft`` config to wrap ``model`` with.
+
+    The reference, in order of precedence (the PEFT options follow TRL's PEFT docs and TRL <= 0.28):
+
+    - nothing with ``args.reference_free`` or a reference-free loss (cpo, simpo, orpo);
+    - ``ref_model``, frozen. With a PEFT policy this raises unless ``args.force_use_ref_model`` (no reference
+      model is needed: disabling the adapter gives one);
+    - ``args.ref_adapter_name``: a second, frozen copy of the trained adapter loaded into the PEFT policy under
+      that name (``PeftModel.load_adapter(path, adapter_name=...)``); the reference pass switches to it with
+      ``set_adapter`` and back to ``args.model_adapter_name`` (default: the active adapter), so there is no
+      second base model. peft's ``set_adapter`` makes the activated adapter trainable and freezes the others:
+      the trainer activates the train adapter at construction (freezing the reference copy even if it was
+      loaded trainable) and the reference with ``inference_mode=True``, so the reference copy never has
+      ``requires_grad`` and never enters the optimiser. Note that peft cannot name an adapter "train" (an
+      ``nn.Module`` attribute).
+    - the PEFT policy with its adapters disabled;
+    - a frozen copy of the policy (full fine-tuning).
+
+    With ``args.precompute_ref_log_probs`` the reference log-probs are computed once before training (any of
+    the modes above) and the reference model is released. With ``args.sync_ref_model`` (TR-DPO, full
+    fine-tuning only) ``fastdpo.reference.SyncRefModelCallback`` moves the reference model toward the policy
+    every ``ref_model_sync_steps`` optimiser steps. The reference weights are not saved in checkpoints: a
+    resumed TR-DPO run restarts from a fresh reference.
 
     The loss is ``fastdpo.dpo_loss`` with ``args``' loss options (every loss of TRL 1.16's DPOTrainer, RPO,
     and CPO/SimPO/ORPO, which need no reference model), averaged over the pairs of the effective batch (all
@@ -85,17 +106,34 @@ class DPOTrainer(Trainer):
       weights, each micro-batch's NLL part is scaled by its own pairs' weights (TRL scales the batch's by its
       pairs' weights); evaluation uses each micro-batch's own token count.
     - aot and aot_unpaired sort within each micro-batch (TRL sorts within its per-device batch too), so they,
-      alone, depend on the split.
+      and the MoE term below, depend on the split.
+    - MoE router load-balancing loss (a model whose config sets ``output_router_logits``; TRL 1.16
+      ``DPOTrainer._compute_loss``): the policy forward's ``aux_loss`` (transformers'
+      ``load_balancing_loss_func`` over all tokens of the packed micro-batch: no padding, so no mask) times
+      ``router_aux_loss_coef`` (``args.router_aux_loss_coef``, else the model config's) is added to the loss.
+      It is a mean over one micro-batch's tokens and not additive over micro-batches (a product of two means),
+      so each micro-batch adds it weighted by its share of the effective batch's pairs, like its DPO losses:
+      the step optimises ``Σ DPO losses / pairs + coef · Σ_mb (pairs_mb / pairs) · aux_mb``. With one
+      micro-batch on one process that is TRL's ``losses.mean() + coef · aux``. The reference forward's
+      aux loss is discarded.
 
     Logged every logging step with TRL's names (and the ``eval_`` prefix on evaluation): loss,
     rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected
     (means over pairs; per-token means for simpo and orpo, as their TRL trainers log), nll_loss with an NLL
-    term (mean over its tokens), log_odds_ratio and log_odds_chosen for orpo; in training also
+    term (mean over its tokens), log_odds_ratio and log_odds_chosen for orpo, aux_loss with the MoE term
+    (pair-weighted mean over micro-batches, unscaled by the coefficient; eval_loss includes the weighted
+    term, as the training loss does); in training also
     tokens_per_second and packing_efficiency (real / processed tokens).
 
     Raises:
         ValueError: raw rows without a tokenizer, or the errors of tokenisation and packing
-            (malformed rows, pairs longer than the token budget), or of the loss options (``DPOConfig``).
+            (malformed rows, pairs longer than the token budget), or of the loss options (``DPOConfig``);
+            a PEFT policy with ``ref_model`` but without ``force_use_ref_model``; adapter names on a policy
+            that is not a PeftModel, not loaded in it, or naming the trained adapter as the reference;
+            ``ref_adapter_name`` together with ``ref_model``; ``sync_ref_model`` with a reference whose
+            parameter names or shapes differ from the policy's; ``router_aux_loss_coef`` on a model that
+            returns no router logits.
+        NotImplementedError: ``sync_ref_model`` with a PEFT policy (TRL 1.16's check).
     """
 
     # compute_loss already divides by the pairs of the whole effective batch
@@ -108,6 +146,8 @@ class DPOTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        self._check_reference_options(model, ref_model, args)
+        self._model_adapter = self._set_up_adapters(model, args)
         self.drop_reports: dict[str, dict] = {}
         train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
         eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
@@ -123,6 +163,7 @@ class DPOTrainer(Trainer):
         self._orpo = args.loss_type == ["orpo"]
         self._length_normalised = bool(LENGTH_NORMALISED_LOSSES & set(args.loss_type))
         self._uses_reference = not (args.reference_free or REFERENCE_FREE_LOSSES & set(args.loss_type))
+        self.aux_loss_enabled, self.router_aux_loss_coef = self._router_aux_loss(model, args)
 
         self.ref_model = None
         if self._uses_reference:
@@ -132,12 +173,80 @@ class DPOTrainer(Trainer):
                 self.ref_model = copy.deepcopy(_causal_lm(model))
             if self.ref_model is not None:
                 self.ref_model.requires_grad_(False).eval()
+                if args.sync_ref_model:
+                    check_sync_compatible(_causal_lm(model), self.ref_model)
                 self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(
+                self.ref_model, lambda m: _causal_lm(self.accelerator.unwrap_model(m))))
         if args.precompute_ref_log_probs and self._uses_reference:
             self.train_dataset = self._with_reference(self.train_dataset, "train")
             if self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference(self.eval_dataset, "eval")
             self.ref_model = None   # released: training never needs it again
+
+    # ------------------------------------------------------- reference options
+    @staticmethod
+    def _check_reference_options(model, ref_model, args: DPOConfig) -> None:
+        if _is_peft(model) and ref_model is not None and not args.force_use_ref_model:
+            raise ValueError(
+                "You passed both a ref_model and a PEFT model. For training PEFT adapters with DPO there is no need to "
+                "pass a reference model. Please pass `ref_model=None` in case you want to train PEFT adapters, or pass "
+                "a ref_model with `force_use_ref_model=True` if you want to use a different ref_model."
+            )
+        if args.sync_ref_model and _is_peft(model):
+            raise NotImplementedError(
+                "You passed `sync_ref_model=True` while using a PEFT model, which is currently not supported. "
+                "With PEFT, DPOTrainer does not keep a separate reference model in memory; instead, it recovers "
+                "reference behavior by temporarily disabling the adapter (or switching to `ref_adapter_name`), and a "
+                "forced `ref_model` has none of the policy's adapter weights. As a result, there is no standalone "
+                "`ref_model` instance to synchronize. Use `sync_ref_model=False`, or opt for full fine-tuning if you "
+                "need a synced reference model."
+            )
+        if (args.model_adapter_name or args.ref_adapter_name) and not _is_peft(model):
+            raise ValueError("model_adapter_name/ref_adapter_name name PEFT adapters, but the policy is not a "
+                             "peft.PeftModel (load it with PeftModel.from_pretrained or pass peft_config)")
+        if args.ref_adapter_name and ref_model is not None:
+            raise ValueError("pass either a ref_model (with force_use_ref_model) or ref_adapter_name, not both: "
+                             "each is a whole reference")
+
+    @staticmethod
+    def _set_up_adapters(model, args: DPOConfig) -> str | None:
+        """Activates the adapter to train and freezes the reference adapter; returns the train adapter's name."""
+        if not _is_peft(model):
+            return None
+        loaded = sorted(model.peft_config)
+        for option in ("model_adapter_name", "ref_adapter_name"):
+            name = getattr(args, option)
+            if name is not None and name not in model.peft_config:
+                raise ValueError(f"{option}={name!r} is not loaded in the PEFT model (its adapters: {loaded}); load "
+                                 f"it with PeftModel.load_adapter(path, adapter_name={name!r})")
+        train = args.model_adapter_name or model.active_adapter
+        if args.ref_adapter_name == train:
+            raise ValueError(f"ref_adapter_name={train!r} is the adapter being trained (the active one): load the "
+                             "reference as a second adapter and name the trained one with model_adapter_name")
+        if args.model_adapter_name is not None or args.ref_adapter_name is not None:
+            # peft's set_adapter makes the named adapter trainable and freezes every other one, so a reference
+            # adapter loaded with is_trainable=True never reaches the optimiser.
+            model.set_adapter(train)
+        return train
+
+    @staticmethod
+    def _router_aux_loss(model, args: DPOConfig) -> tuple[bool, float]:
+        """(enabled, coefficient) of the MoE router load-balancing loss; the coefficient is
+        ``args.router_aux_loss_coef`` or else the config's (TRL 1.16 ``DPOTrainer.__init__``)."""
+        config = _causal_lm(model).config.get_text_config()
+        returns_router_logits = bool(getattr(config, "output_router_logits", False))
+        coef = args.router_aux_loss_coef
+        if coef and not returns_router_logits:
+            raise ValueError(
+                f"router_aux_loss_coef is set to {coef} but {type(_causal_lm(model)).__name__} returns no router logits "
+                f"(its config's output_router_logits is {getattr(config, 'output_router_logits', 'absent')}), so "
+                "there is no auxiliary loss to weight: set output_router_logits=True on a Mixture-of-Experts model's "
+                "config, or leave router_aux_loss_coef unset."
+            )
+        coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        return returns_router_logits and coef != 0.0, float(coef)
 
     # ------------------------------------------------------------------ data
     def _tokenized(self, dataset, tokenizer, args: DPOConfig, split: str):
@@ -195,6 +304,10 @@ class DPOTrainer(Trainer):
         with torch.no_grad():
             if self.ref_model is not None:
                 chosen, rejected = packed_sequence_logps(self.ref_model, batch, ld_alpha=self.args.ld_alpha)
+            elif self.args.ref_adapter_name is not None:
+                with reference_adapter(self.accelerator.unwrap_model(model), self.args.ref_adapter_name,
+                                       self._model_adapter):
+                    chosen, rejected = packed_sequence_logps(model, batch, ld_alpha=self.args.ld_alpha)
             else:
                 with self.accelerator.unwrap_model(model).disable_adapter():
                     chosen, rejected = packed_sequence_logps(model, batch, ld_alpha=self.args.ld_alpha)
@@ -205,8 +318,9 @@ class DPOTrainer(Trainer):
         and cached on disk (``fastdpo.reference_cache``): each machine's main process computes or loads them
         first, the other processes then load its file."""
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
-        fingerprint = Hasher.hash((dataset._fingerprint, model_fingerprint(ref, exclude_adapters=True), "ref-v2",
-                                   self.args.ld_alpha))
+        # A reference adapter is part of the reference; disabled adapters are not.
+        weights = model_fingerprint(ref, exclude_adapters=self.args.ref_adapter_name is None)
+        fingerprint = Hasher.hash((dataset._fingerprint, weights, "ref-v2", self.args.ld_alpha))
         path = cache_path(fingerprint)
         with self.accelerator.local_main_process_first():
             cached = load_ref_logps(path, fingerprint, len(dataset))
@@ -289,11 +403,15 @@ class DPOTrainer(Trainer):
         if model.training and not bool(torch.isfinite(losses).all()):
             return self._nonfinite(model, inputs, losses)
         if num_items_in_batch is None:
-            loss = losses.mean()
+            loss, share = losses.mean(), 1.0
         else:
             loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
+            share = num_pairs(inputs) / num_items_in_batch * self.accelerator.num_processes
+        aux = policy.aux_loss if self.aux_loss_enabled else None
+        if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
+            loss = loss + self.router_aux_loss_coef * aux * share
         self._log_loss_metrics("train" if model.training else "eval", inputs, policy, losses, chosen_rewards,
-                               rejected_rewards)
+                               rejected_rewards, aux)
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
             else loss
 
@@ -313,12 +431,15 @@ class DPOTrainer(Trainer):
         self._metric_sums["train"]["skipped_pairs"][1] = 1.0
         return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
-    def _log_loss_metrics(self, mode, inputs, policy, losses, chosen_rewards, rejected_rewards) -> None:
+    def _log_loss_metrics(self, mode, inputs, policy, losses, chosen_rewards, rejected_rewards, aux=None) -> None:
         chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
+        losses = losses.detach()
+        if aux is not None:   # eval_loss is the mean of these: the optimised loss, aux term included
+            losses = losses + self.router_aux_loss_coef * aux.detach()
         if self._length_normalised:
             chosen, rejected = chosen / policy.chosen_lengths, rejected / policy.rejected_lengths
         per_pair = {
-            "loss": losses.detach(),
+            "loss": losses,
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
@@ -329,6 +450,8 @@ class DPOTrainer(Trainer):
         if self._orpo:
             log_odds = orpo_log_odds(chosen, rejected)
             per_pair.update({"log_odds_ratio": torch.nn.functional.logsigmoid(log_odds), "log_odds_chosen": log_odds})
+        if aux is not None:   # weighted by pairs, as in the loss
+            per_pair["aux_loss"] = aux.detach().expand(losses.numel())
         per_token = {"nll_loss": (policy.chosen_nll.detach().sum(), policy.nll_tokens.sum())} if self._nll else {}
         self._accumulate_metrics(mode, inputs, per_pair, per_token)
 

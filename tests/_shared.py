@@ -53,3 +53,41 @@ def write_tiny_run(root, pairs: int = 16):
             f.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
                                 "rejected": f" It is {2 * i + 1}, I think."}) + "\n")
     return model_dir, data
+
+
+def pairs(n, seed=0, vocab=49152):
+    """n tokenised pairs of random ids in [3, vocab): prompts of 2-8 tokens, completions of 1-5."""
+    import datasets
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()   # noqa: E731
+    return datasets.Dataset.from_list([
+        {"prompt_input_ids": rand(int(torch.randint(2, 9, (1,), generator=g))),
+         "chosen_input_ids": rand(int(torch.randint(1, 6, (1,), generator=g))),
+         "rejected_input_ids": rand(int(torch.randint(1, 6, (1,), generator=g)))}
+        for _ in range(n)
+    ])
+
+
+def config(tmp_path, **kw):
+    """A fast CPU DPOConfig for tests: log every step, no saving, lr 1e-3, beta 0.5."""
+    from fastdpo import DPOConfig
+
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                max_tokens_per_batch=1000, learning_rate=1e-3, seed=0, disable_tqdm=True, beta=0.5)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+def lora(model, seed=0):
+    """LoRA r4 on every linear layer, with non-zero B so that policy != reference from step 0."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return peft_model

@@ -7,8 +7,7 @@ import torch
 
 from fastdpo import DPOTrainer
 from fastdpo.reference_cache import cache_path, load_ref_logps, save_ref_logps
-from _shared import tiny_llama
-from test_trainer import config, lora, pairs
+from _shared import config, lora, pairs, tiny_llama
 
 FINGERPRINT = "f" * 16
 

@@ -8,43 +8,14 @@ import datasets
 import pytest
 import torch
 
-from fastdpo import LOSS_TYPES, DPOConfig, DPOTrainer
+from fastdpo import LOSS_TYPES, DPOTrainer
 from fastdpo.modeling import packed_sequence_logps
 from fastdpo.packing import pack_pairs
 from _reference import rel_err
-from _shared import tiny_llama
+from _shared import config, lora, pairs, tiny_llama
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
-
-
-def pairs(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda k: torch.randint(3, 49152, (k,), generator=g).tolist()
-    return datasets.Dataset.from_list([
-        {"prompt_input_ids": rand(int(torch.randint(2, 9, (1,), generator=g))),
-         "chosen_input_ids": rand(int(torch.randint(1, 6, (1,), generator=g))),
-         "rejected_input_ids": rand(int(torch.randint(1, 6, (1,), generator=g)))}
-        for _ in range(n)
-    ])
-
-
-def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
-                max_tokens_per_batch=1000, learning_rate=1e-3, seed=0, disable_tqdm=True, beta=0.5)
-    base.update(kw)
-    return DPOConfig(**base)
-
-
-def lora(model, seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    for name, p in peft_model.named_parameters():      # non-zero B so policy != reference from step 0
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return peft_model
 
 
 def test_gradient_accumulation_equals_one_big_micro_batch(tmp_path):
