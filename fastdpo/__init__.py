@@ -1,5 +1,6 @@
 """fastdpo: fused, memory-lean log-probabilities for DPO-family preference fine-tuning."""
 
+from . import attention  # registers the "packed_sdpa" attention with transformers
 from .batch_logps import get_batch_logps, get_batch_logps_from_hidden, sequence_logps
 from .config import DPOConfig
 from .linear_logps import STATS, linear_logps

@@ -67,8 +67,8 @@ class TrainArguments:
     dtype: str = field(default="float32", metadata={
         "help": "Weight dtype: float32, bfloat16 or float16 (mixed precision is --bf16 / --fp16)."})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel; default sdpa on CPU, flash_attention_2 (if installed) or flex_attention on "
-                "CUDA, whose memory is linear in the packed length."})
+        "help": "Attention kernel; default packed_sdpa on CPU (fastdpo.attention: causal sdpa per packed sequence, "
+                "no [T, T] mask), flash_attention_2 (if installed) or flex_attention on CUDA."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
     config: str | None = field(default=None, metadata={
         "help": "A YAML file of option defaults (keys are option names with underscores)."})
@@ -124,7 +124,7 @@ def parse_train_args(argv: list[str], command: str = "train"):
 
 def _default_attn_implementation(device_type: str) -> str:
     if device_type != "cuda":
-        return "sdpa"
+        return "packed_sdpa"
     import importlib.util
 
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"

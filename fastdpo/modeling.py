@@ -43,7 +43,8 @@ def _label_logps(model: torch.nn.Module, batch: dict, index: torch.Tensor, targe
     forward hook. ``position_ids`` restart per sequence and no attention mask is passed: with
     ``use_cache=False`` transformers derives the document mask from the position ids for every
     attention implementation (block-diagonal causal for sdpa/eager, a ``BlockMask`` for
-    flex_attention, varlen for flash-attention), so attention never crosses a sequence boundary.
+    flex_attention, varlen for flash-attention; ``packed_sdpa``, ``fastdpo.attention``, splits the
+    stream there), so attention never crosses a sequence boundary.
     Only the hidden states at ``index`` reach ``fastdpo.linear_logps``, with the model's head weight,
     bias and logit transform (an FSDP2-sharded head gathered first, ``_gathered``). ``logits_to_keep`` only
     trims the LM head's input: the routers see every token, and as the stream has no padding, the aux loss

@@ -293,7 +293,8 @@ def load_causal_lm(
             left unquantized (norms, embeddings, LM head).
         load_in_4bit: QLoRA-style bitsandbytes NF4 linear layers (runs on CPU with bitsandbytes >= 0.50).
         trust_remote_code: allow the checkpoint's own modelling code (off by default).
-        attn_implementation: transformers' attention backend (None: its default).
+        attn_implementation: transformers' attention backend, or fastdpo's ``packed_sdpa`` (None: transformers'
+            default).
 
     Raises:
         as ``gguf_checkpoint`` and ``AutoModelForCausalLM.from_pretrained`` (OSError where the
