@@ -1,8 +1,9 @@
 """One DPO training step, end to end: fastdpo's trainer against TRL's DPOTrainer, same data and settings.
 
 Both train SmolLM2-135M-Instruct (the shared GGUF, converted once to an fp32 checkpoint) with LoRA
-(r 16, alpha 32, all linear layers), no gradient checkpointing, the reference being the policy with
-its adapter disabled, on the first ``--pairs`` rows of a preference file; fp32 on CPU, bf16 autocast
+(r 16, alpha 32, all linear layers), no gradient checkpointing, each with its default attention
+(TRL: transformers' sdpa; fastdpo: ``fastdpo.models.default_attn_implementation``, ``packed_sdpa`` on
+CPU), the reference being the policy with its adapter disabled, on the first ``--pairs`` rows of a preference file; fp32 on CPU, bf16 autocast
 on CUDA. Each trainer runs in a fresh process; per optimiser step we record wall time, the pairs and
 real tokens it trained on and the tokens it processed (padding included), and the process's peak
 memory (CPU: peak RSS; CUDA: ``torch.cuda.max_memory_allocated``).
@@ -70,19 +71,21 @@ def run(trainer_name: str, args) -> dict:
     import datasets
     import torch
 
-    from fastdpo.models import apply_lora, load_causal_lm, load_tokenizer, resolve_model
+    from fastdpo.models import apply_lora, default_attn_implementation, load_causal_lm, load_tokenizer, resolve_model
 
+    uses_trl = trainer_name in ("trl", "trl+fastdpo")
+    # each trainer with its own default attention: TRL's (transformers' sdpa), fastdpo train's
+    attention = "sdpa" if uses_trl else default_attn_implementation(args.device)
     torch.manual_seed(0)
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    model = apply_lora(load_causal_lm(source), r=16, alpha=32, dropout=0.05)
+    model = apply_lora(load_causal_lm(source, attn_implementation=attention), r=16, alpha=32, dropout=0.05)
     data = datasets.load_dataset("json", data_files=str(args.dataset), split="train").select(range(args.pairs))
     cuda = args.device == "cuda"
     common = dict(output_dir=f"/tmp/bench-{trainer_name}", report_to=[], use_cpu=not cuda, bf16=cuda, fp16=False,
                   gradient_checkpointing=False, learning_rate=3e-4, max_steps=args.steps, logging_steps=args.steps,
                   save_strategy="no", disable_tqdm=True, gradient_accumulation_steps=args.gradient_accumulation_steps,
                   max_length=args.max_length, beta=0.1, seed=0)
-    uses_trl = trainer_name in ("trl", "trl+fastdpo")
     if uses_trl:
         from trl import DPOConfig, DPOTrainer
 
@@ -108,6 +111,7 @@ def run(trainer_name: str, args) -> dict:
     return {
         "trainer": trainer_name,
         "version": md.version("trl" if uses_trl else "fastdpo"),
+        "attention": attention,
         "median_step_s": statistics.median(s["time_s"] for s in steps),
         "pairs_per_step": total["pairs"] / len(steps),
         "s_per_pair": total["time_s"] / total["pairs"],
@@ -120,10 +124,10 @@ def run(trainer_name: str, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| trainer | median step s | pairs/step | s/pair | real tokens/s | packing efficiency | peak memory MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| trainer | attention | median step s | pairs/step | s/pair | real tokens/s | packing efficiency | "
+             "peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['trainer']} {r['version']} | {r['median_step_s']:.2f} | {r['pairs_per_step']:.1f} | "
+        lines.append(f"| {r['trainer']} {r['version']} | {r['attention']} | {r['median_step_s']:.2f} | {r['pairs_per_step']:.1f} | "
                      f"{r['s_per_pair']:.2f} | {r['real_tokens_per_s']:.0f} | {r['packing_efficiency']:.2f} | "
                      f"{r['peak_memory_mib']:.0f} |")
     return "\n".join(lines)

@@ -122,14 +122,6 @@ def parse_train_args(argv: list[str], command: str = "train"):
     return script, args
 
 
-def _default_attn_implementation(device_type: str) -> str:
-    if device_type != "cuda":
-        return "packed_sdpa"
-    import importlib.util
-
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
-
-
 def _checkpoint_to_resume(args) -> str | None:
     """``--resume-from-checkpoint PATH``, or ``true``/``last`` for the newest checkpoint in ``--output-dir``."""
     resume = args.resume_from_checkpoint
@@ -145,7 +137,8 @@ def train(argv: list[str], command: str = "train"):
     """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
     and a summary (wall time, peak RSS, dropped pairs), which is also printed."""
     from .data import load_preference_dataset
-    from .models import apply_lora, load_causal_lm, load_lora_adapter, load_tokenizer, resolve_model
+    from .models import (apply_lora, default_attn_implementation, load_causal_lm, load_lora_adapter,
+                         load_tokenizer, resolve_model)
 
     if command == "train-online":
         from .online import OnlineDPOTrainer as trainer_class
@@ -164,7 +157,7 @@ def train(argv: list[str], command: str = "train"):
         eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed,
     )
     load = dict(dtype=getattr(torch, script.dtype), trust_remote_code=script.trust_remote_code,
-                attn_implementation=script.attn_implementation or _default_attn_implementation(args.device.type))
+                attn_implementation=script.attn_implementation or default_attn_implementation(args.device.type))
     model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
     if script.adapter:
         model = load_lora_adapter(model, script.adapter, adapter_name=args.model_adapter_name or "default",

@@ -275,6 +275,16 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> t
     return tokenizer
 
 
+def default_attn_implementation(device_type: str) -> str:
+    """The attention ``fastdpo train`` uses on a device type: ``packed_sdpa`` (``fastdpo.attention``) off CUDA;
+    on CUDA ``flash_attention_2`` where flash-attn is installed, else ``flex_attention`` (both varlen)."""
+    if device_type != "cuda":
+        return "packed_sdpa"
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
 def load_causal_lm(
     source: ModelSource,
     *,

@@ -76,3 +76,12 @@ def test_generation_with_padding_and_cache_is_sdpa():
 def test_sequence_starts():
     assert attention.sequence_starts(torch.tensor([0, 1, 2, 0, 1, 0])) == [0, 3, 5, 6]
     assert attention.sequence_starts(torch.tensor([4, 5, 0, 1])) == [0, 2, 4]
+
+
+def test_train_default_on_cpu_loads(tmp_path):
+    from fastdpo.models import ModelSource, default_attn_implementation, load_causal_lm
+
+    tiny_llama(seed=1).save_pretrained(tmp_path)
+    implementation = default_attn_implementation("cpu")
+    model = load_causal_lm(ModelSource(str(tmp_path), None), attn_implementation=implementation)
+    assert implementation == "packed_sdpa" and model.config._attn_implementation == "packed_sdpa"
