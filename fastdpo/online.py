@@ -300,7 +300,8 @@ class OnlineDPOTrainer(DPOTrainer):
         if num_pairs(inputs) > 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         empty = inputs["online_counts"].new_zeros(0)
-        self._accumulate_metrics("train", inputs, {k: empty for k in _PAIR_METRICS},
+        keys = _PAIR_METRICS + (("aux_loss",) if self.aux_loss_enabled else ())
+        self._accumulate_metrics("train", inputs, {k: empty for k in keys},
                                  {"nll_loss": (empty.sum(), empty.sum())} if self._nll else {})
         loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
         return (loss, {}) if return_outputs else loss
