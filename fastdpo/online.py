@@ -21,7 +21,7 @@ from .data import tokenize_prompts
 from .judges import LLMJudge, PairwiseJudge, RewardModelScorer, rank_by_scores
 from .losses import REFERENCE_FREE_LOSSES
 from .packing import REF_COLUMNS, num_pairs, pack_pairs
-from .trainer import DPOTrainer
+from .trainer import DPOTrainer, zero_loss
 
 # The per-pair metrics of DPOTrainer._log_loss_metrics: a micro-batch without ranked pairs reports them empty,
 # so that every process reduces the same entries.
@@ -303,7 +303,7 @@ class OnlineDPOTrainer(DPOTrainer):
         keys = _PAIR_METRICS + (("aux_loss",) if self.aux_loss_enabled else ())
         self._accumulate_metrics("train", inputs, {k: empty for k in keys},
                                  {"nll_loss": (empty.sum(), empty.sum())} if self._nll else {})
-        loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        loss = zero_loss(model)
         return (loss, {}) if return_outputs else loss
 
     def _accumulate_metrics(self, mode, batch, per_pair, per_token):

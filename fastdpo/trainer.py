@@ -47,6 +47,12 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A zero loss whose backward reaches every trainable parameter through no activation: a micro-batch left
+    out of a step still gives DDP a gradient (of zeros) for each parameter."""
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+
 def _rotate(trainer: Trainer, run_dir: str) -> None:
     """The Trainer's own deletion of checkpoints beyond ``save_total_limit``."""
     if rotate_checkpoints is None:
@@ -434,7 +440,7 @@ class DPOTrainer(Trainer):
         logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", num_pairs(inputs), where)
         self._metric_sums["train"]["skipped_pairs"][0] += num_pairs(inputs)
         self._metric_sums["train"]["skipped_pairs"][1] = 1.0
-        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        return zero_loss(model)
 
     def _log_loss_metrics(self, mode, inputs, policy, losses, chosen_rewards, rejected_rewards, aux=None) -> None:
         chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
