@@ -3,7 +3,8 @@
 Both train SmolLM2-135M-Instruct (the shared GGUF, converted once to an fp32 checkpoint) with LoRA
 (r 16, alpha 32, all linear layers), no gradient checkpointing, each with its default attention
 (TRL: transformers' sdpa; fastdpo: ``fastdpo.models.default_attn_implementation``, ``packed_sdpa`` on
-CPU), the reference being the policy with its adapter disabled, on the first ``--pairs`` rows of a preference file; fp32 on CPU, bf16 autocast
+CPU), the reference being the policy with its adapter disabled, on the first ``--pairs`` rows of a preference file;
+fp32 on CPU, bf16 autocast
 on CUDA. Each trainer runs in a fresh process; per optimiser step we record wall time, the pairs and
 real tokens it trained on and the tokens it processed (padding included), and the process's peak
 memory (CPU: peak RSS; CUDA: ``torch.cuda.max_memory_allocated``).
@@ -127,7 +128,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| trainer | attention | median step s | pairs/step | s/pair | real tokens/s | packing efficiency | "
              "peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['trainer']} {r['version']} | {r['attention']} | {r['median_step_s']:.2f} | {r['pairs_per_step']:.1f} | "
+        lines.append(f"| {r['trainer']} {r['version']} | {r['attention']} | {r['median_step_s']:.2f} | "
+                     f"{r['pairs_per_step']:.1f} | "
                      f"{r['s_per_pair']:.2f} | {r['real_tokens_per_s']:.0f} | {r['packing_efficiency']:.2f} | "
                      f"{r['peak_memory_mib']:.0f} |")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ not installed, or needs a GPU, skips with the reason. The GEMM floor is timed, n
 
 import pytest
 import torch
-
 from benchlib.impls import IMPLS
 from benchlib.measure import check
 from benchlib.problems import Problem, make_inputs

@@ -7,14 +7,14 @@ completion token counts, the chosen completions' NLL and per-pair weights) and r
 ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py), with its ``f_divergence_type`` and WPO
 weighting, TRL <= 0.28's ``rpo_alpha``, and the reference-free losses of TRL 1.16's experimental
 ``CPOTrainer`` (CPO, SimPO) and ``ORPOTrainer``. Per-token work (LD-DPO's split, WPO's weights,
-ORPO's prompt NLL) happens where the per-sequence sums are formed, in ``fastdpo.modeling``.
+ORPO's prompt NLL) happens where the per-sequence sums are formed, in ``fastdpo.train.forward``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,6 @@ F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo
 REFERENCE_FREE_LOSSES = frozenset({"cpo", "simpo", "orpo"})
 # log-probs averaged over the completion's tokens (the other losses use sums)
 LENGTH_NORMALISED_LOSSES = frozenset({"simpo", "orpo"})
-# keyword options of dpo_loss that DPOConfig has under the same names
-CONFIG_OPTIONS = ("loss_type", "loss_weights", "beta", "label_smoothing", "reference_free", "f_divergence_type",
-                  "f_alpha_divergence_coef", "discopop_tau", "rpo_alpha", "simpo_gamma", "cpo_alpha")
 
 
 @dataclass
@@ -231,81 +228,130 @@ LOSS_TYPES = tuple(_LOSSES)
 _NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm"}) | LENGTH_NORMALISED_LOSSES
 
 
-def loss_terms(
-    loss_type: str | Sequence[str],
-    loss_weights: Sequence[float] | None = None,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    discopop_tau: float = 0.05,
-    rpo_alpha: float | None = None,
-    weighted: bool = False,
-    ld_alpha: float | None = None,
-) -> list[tuple[str, float]]:
-    """The validated ``(loss type, weight)`` terms of a loss configuration; ``rpo_alpha`` adds
-    ``("sft", rpo_alpha)``, as TRL 0.28 documented it (deprecating rpo_alpha for that term).
-
-    Checks TRL 1.16's rules (DPOConfig.__post_init__, DPOTrainer.__init__) and fastdpo's own. ``weighted``
-    is WPO weighting (``use_weighting``); ``ld_alpha`` LD-DPO's α (applied in ``fastdpo.modeling``).
-
-    Raises:
-        ValueError: an empty or unknown loss type (TRL 1.16 raises at loss time); ``loss_weights`` not one
-            per loss type (TRL's DPOConfig); ``beta <= 0``; ``label_smoothing`` outside [0, 0.5]; ``robust``
-            with ``label_smoothing`` = 0.5 (it divides by 1 − 2ε; TRL only warns outside [0, 0.5));
-            ``exo_pair`` with ``label_smoothing`` = 0 (TRL); an unknown ``f_divergence_type`` or a non-default one
-            with a loss outside ``F_DIVERGENCE_LOSSES`` (TRL); WPO weighting with ``aot``/``aot_unpaired``, whose
-            sorting misaligns per-pair weights (TRL raises NotImplementedError); ``discopop_tau <= 0``;
-            ``ld_alpha`` outside [0, 1] (TRL documents the range); cpo/simpo/orpo combined with another loss,
-            ``rpo_alpha``, an f-divergence, WPO weighting or LD-DPO (their TRL trainers have none of these).
-    """
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    unknown = [t for t in types if t not in _LOSSES]
-    if not types or unknown:
-        raise ValueError(f"unknown loss_type {unknown or types!r}; supported: {', '.join(LOSS_TYPES)}")
-    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
-    if len(weights) != len(types):
-        raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
-                         f"{len(types)} loss types {types}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if "robust" in types and label_smoothing >= 0.5:
-        raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5): it divides by 1 - 2 * label_smoothing; "
-                         f"got {label_smoothing}")
-    if "exo_pair" in types and label_smoothing == 0.0:
-        raise ValueError("the exo_pair loss needs label_smoothing > 0 (its target distribution is "
-                         "(1 - label_smoothing, label_smoothing)); the EXO paper recommends 1e-3")
-    if f_divergence_type not in F_DIVERGENCE_TYPES:
-        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; supported: {', '.join(F_DIVERGENCE_TYPES)}")
-    if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
-        raise ValueError(f"f_divergence_type={f_divergence_type!r} is only supported for the loss types "
-                         f"{sorted(F_DIVERGENCE_LOSSES)}, got {types}; use f_divergence_type='reverse_kl' with these")
-    if weighted and {"aot", "aot_unpaired"} & set(types):
-        raise ValueError("WPO weighting (use_weighting) is not supported with aot or aot_unpaired: they sort the "
-                         "batch, which misaligns per-pair weights")
-    if not discopop_tau > 0:
-        raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
+def check_ld_alpha(ld_alpha: float | None) -> None:
+    """Raises ValueError unless ``ld_alpha`` (LD-DPO's α) is None or in [0, 1] (TRL documents the range)."""
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise ValueError(f"ld_alpha must be in [0, 1] (1 = plain sums, 0 = drop tokens beyond the shorter "
                          f"completion), got {ld_alpha}")
-    if REFERENCE_FREE_LOSSES & set(types):
-        extras = [name for name, on in (("another loss type", len(types) > 1), ("rpo_alpha", rpo_alpha is not None),
-                                        ("f_divergence_type", f_divergence_type != "reverse_kl"),
-                                        ("use_weighting", weighted), ("ld_alpha", ld_alpha is not None)) if on]
-        if extras:
-            raise ValueError(f"loss_type {types} (CPOTrainer/ORPOTrainer's reference-free losses) cannot be combined "
-                             f"with {', '.join(extras)}")
-    terms = list(zip(types, weights))
-    return terms + [("sft", float(rpo_alpha))] if rpo_alpha is not None else terms
 
 
-def uses_nll(terms: list[tuple[str, float]], cpo_alpha: float = 1.0) -> bool:
-    """Whether the loss has a behaviour-cloning (NLL on chosen) term: sft/rpo_alpha, orpo, or cpo/simpo with
-    cpo_alpha != 0."""
-    types = {t for t, _ in terms}
-    return bool({"sft", "orpo"} & types) or (bool({"cpo", "simpo"} & types) and cpo_alpha != 0)
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss configuration validated once, and what it needs from the forward.
+
+    The fields are ``dpo_loss``'s options under ``DPOConfig``'s names (``LossSpec.from_config`` reads them from
+    any config that has them); ``use_weighting`` is WPO weighting and ``ld_alpha`` LD-DPO's α, both applied
+    where the per-sequence sums are formed (``fastdpo.train.forward``). ``rpo_alpha`` adds the term
+    ``("sft", rpo_alpha)``, as TRL 0.28 documented it.
+
+    Raises:
+        ValueError: checked against TRL 1.16's rules (DPOConfig.__post_init__, DPOTrainer.__init__) and
+            fastdpo's own: an empty or unknown loss type (TRL raises at loss time); ``loss_weights`` not one
+            per loss type (TRL's DPOConfig); ``beta <= 0``; ``label_smoothing`` outside [0, 0.5]; ``robust``
+            with ``label_smoothing`` = 0.5 (it divides by 1 − 2ε; TRL only warns); ``exo_pair`` with
+            ``label_smoothing`` = 0 (TRL); an unknown ``f_divergence_type`` or a non-default one with a loss
+            outside ``F_DIVERGENCE_LOSSES`` (TRL); WPO weighting with ``aot``/``aot_unpaired``, whose sorting
+            misaligns per-pair weights (TRL raises NotImplementedError); ``discopop_tau <= 0``; ``ld_alpha``
+            outside [0, 1]; cpo/simpo/orpo combined with another loss, ``rpo_alpha``, an f-divergence, WPO
+            weighting or LD-DPO (their TRL trainers have none of these).
+    """
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    rpo_alpha: float | None = None
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+
+    def __post_init__(self):
+        types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        object.__setattr__(self, "loss_type", types)
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        self._check()
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> LossSpec:
+        """The spec of a ``DPOConfig`` (or any object with these attribute names), ``overrides`` replacing fields."""
+        return cls(**{**{f.name: getattr(config, f.name) for f in fields(cls)}, **overrides})
+
+    def _check(self) -> None:
+        types, eps = self.loss_type, self.label_smoothing
+        unknown = [t for t in types if t not in _LOSSES]
+        if not types or unknown:
+            raise ValueError(f"unknown loss_type {unknown or list(types)!r}; supported: {', '.join(LOSS_TYPES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(f"loss_weights must have one weight per loss type: got {len(self.loss_weights)} weights "
+                             f"for {len(types)} loss types {list(types)}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0.0 <= eps <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {eps}")
+        if "robust" in types and eps >= 0.5:
+            raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5): it divides by 1 - 2 * "
+                             f"label_smoothing; got {eps}")
+        if "exo_pair" in types and eps == 0.0:
+            raise ValueError("the exo_pair loss needs label_smoothing > 0 (its target distribution is "
+                             "(1 - label_smoothing, label_smoothing)); the EXO paper recommends 1e-3")
+        f_div = self.f_divergence_type
+        if f_div not in F_DIVERGENCE_TYPES:
+            raise ValueError(f"unknown f_divergence_type {f_div!r}; supported: {', '.join(F_DIVERGENCE_TYPES)}")
+        if f_div != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
+            raise ValueError(f"f_divergence_type={f_div!r} is only supported for the loss types "
+                             f"{sorted(F_DIVERGENCE_LOSSES)}, got {list(types)}; use f_divergence_type='reverse_kl'")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(types):
+            raise ValueError("WPO weighting (use_weighting) is not supported with aot or aot_unpaired: they sort the "
+                             "batch, which misaligns per-pair weights")
+        if not self.discopop_tau > 0:
+            raise ValueError(f"discopop_tau must be positive, got {self.discopop_tau}")
+        check_ld_alpha(self.ld_alpha)
+        if REFERENCE_FREE_LOSSES & set(types):
+            extras = [name for name, on in (
+                ("another loss type", len(types) > 1), ("rpo_alpha", self.rpo_alpha is not None),
+                ("f_divergence_type", f_div != "reverse_kl"), ("use_weighting", self.use_weighting),
+                ("ld_alpha", self.ld_alpha is not None)) if on]
+            if extras:
+                raise ValueError(f"loss_type {list(types)} (CPOTrainer/ORPOTrainer's reference-free losses) cannot be "
+                                 f"combined with {', '.join(extras)}")
+
+    @property
+    def terms(self) -> list[tuple[str, float]]:
+        """The ``(loss type, weight)`` terms, ``("sft", rpo_alpha)`` last with ``rpo_alpha``."""
+        weights = self.loss_weights or (1.0,) * len(self.loss_type)
+        terms = list(zip(self.loss_type, weights))
+        return terms + [("sft", float(self.rpo_alpha))] if self.rpo_alpha is not None else terms
+
+    @property
+    def needs_reference(self) -> bool:
+        """False with ``reference_free`` or a reference-free loss (cpo, simpo, orpo)."""
+        return not (self.reference_free or REFERENCE_FREE_LOSSES & set(self.loss_type))
+
+    @property
+    def uses_nll(self) -> bool:
+        """A behaviour-cloning (NLL on chosen) term: sft/rpo_alpha, orpo, or cpo/simpo with cpo_alpha != 0."""
+        types = {t for t, _ in self.terms}
+        return bool({"sft", "orpo"} & types) or (bool({"cpo", "simpo"} & types) and self.cpo_alpha != 0)
+
+    @property
+    def prompt_nll(self) -> bool:
+        """ORPO: the NLL covers the chosen prompt too (from its second token)."""
+        return self.loss_type == ("orpo",)
+
+    @property
+    def length_normalised(self) -> bool:
+        """simpo and orpo: rewards and logged log-probs are per completion token."""
+        return bool(LENGTH_NORMALISED_LOSSES & set(self.loss_type))
+
+    @property
+    def needs_lengths(self) -> bool:
+        return bool(_NEEDS_LENGTHS & set(self.loss_type))
 
 
 def _f_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
@@ -382,7 +428,7 @@ def dpo_loss(
 
     Args:
         policy_chosen_logps, policy_rejected_logps: [B] float, summed log-probabilities (nats) of each
-            completion under the policy (LD-DPO-weighted ones with ``ld_alpha``: see ``fastdpo.modeling``).
+            completion under the policy (LD-DPO-weighted ones with ``ld_alpha``: see ``fastdpo.train.forward``).
         ref_chosen_logps, ref_rejected_logps: [B] float, the same under the reference; ignored (and may be
             None) with ``reference_free`` or a reference-free loss.
         loss_type: one of ``LOSS_TYPES`` or a list of them; cpo/simpo/orpo stand alone.
@@ -395,41 +441,68 @@ def dpo_loss(
         simpo_gamma: SimPO's target margin γ. cpo_alpha: the NLL weight of cpo and simpo.
         chosen_lengths, rejected_lengths: [B] completion token counts (int or float); needed by ipo,
             sigmoid_norm, simpo, orpo and, for the default ``nll_tokens``, the NLL terms.
-        chosen_nll: [B] summed NLL (nats) of each chosen sequence's NLL tokens: the completion's for sft, rpo,
-            cpo and simpo (default ``-policy_chosen_logps``: pass it when those are LD-DPO-weighted), the prompt's
-            (from its second token) and the completion's for orpo (required).
+        chosen_nll: [B] summed NLL (nats) of each chosen sequence's NLL tokens, required by the NLL terms: the
+            completion's for sft, rpo, cpo and simpo (``-policy_chosen_logps`` when those are plain sums; never
+            averaged or LD-DPO-weighted log-probs), the prompt's (from its second token) and the completion's
+            for orpo.
         nll_tokens: the token count the NLL mean divides ``chosen_nll.sum()`` by: default
             ``chosen_lengths.sum()``; required for orpo. Under gradient accumulation pass this micro-batch's
             share of the effective batch's count (see ``fastdpo.DPOTrainer``).
         pair_weights: [B] per-pair loss weights, used detached: WPO's ``w_c · w_r`` (Zhou et al. 2024,
-            "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2; ``fastdpo.modeling.wpo_weights``).
+            "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2; ``fastdpo.train.forward.wpo_weights``).
 
     Returns:
         (losses, chosen_rewards, rejected_rewards), each [B] in the policy log-probs' dtype (orpo: float32).
 
     Raises:
-        ValueError: the configuration errors of ``loss_terms``; input vectors of another shape than
+        ValueError: the configuration errors of ``LossSpec``; input vectors of another shape than
             ``policy_chosen_logps`` [B]; missing reference log-probs, lengths, ``chosen_nll`` or ``nll_tokens``
             where the loss needs them.
     """
-    terms = loss_terms(loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing,
-                       f_divergence_type=f_divergence_type, discopop_tau=discopop_tau, rpo_alpha=rpo_alpha,
-                       weighted=pair_weights is not None)
-    types = {t for t, _ in terms}
-    reference_free = reference_free or bool(REFERENCE_FREE_LOSSES & types)
+    spec = LossSpec(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+                    reference_free=reference_free, f_divergence_type=f_divergence_type,
+                    f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, rpo_alpha=rpo_alpha,
+                    simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, use_weighting=pair_weights is not None)
+    return preference_loss(spec, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                           chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=chosen_nll,
+                           nll_tokens=nll_tokens, pair_weights=pair_weights)
+
+
+def preference_loss(
+    spec: LossSpec,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    nll_tokens: torch.Tensor | float | None = None,
+    pair_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dpo_loss`` with its options as a prevalidated ``LossSpec`` (what the trainers call on every micro-batch).
+
+    Raises:
+        ValueError: as ``dpo_loss``, less the configuration errors (raised when the spec was made); also
+            ``pair_weights`` given or missing against ``spec.use_weighting``.
+    """
+    types = set(spec.loss_type)
+    if (pair_weights is not None) != spec.use_weighting:
+        raise ValueError(f"use_weighting={spec.use_weighting} but pair_weights "
+                         f"{'were' if pair_weights is not None else 'were not'} given")
     shape = policy_chosen_logps.shape
     if len(shape) != 1:
         raise ValueError(f"policy_chosen_logps must be a [B] vector, got shape {tuple(shape)}")
     dtype = policy_chosen_logps.dtype
     _check_vector("policy_rejected_logps", policy_rejected_logps, shape)
-    if reference_free:
+    if not spec.needs_reference:
         ref_chosen_logps = ref_rejected_logps = torch.zeros_like(policy_chosen_logps)
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         _check_vector(name, value, shape)
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
 
-    nll_needed = uses_nll(terms, cpo_alpha)
-    if (_NEEDS_LENGTHS & types or (nll_needed and nll_tokens is None)) and (
+    if (spec.needs_lengths or (spec.uses_nll and nll_tokens is None)) and (
             chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss_type {sorted(types)} needs chosen_lengths and rejected_lengths (completion token "
                          f"counts)")
@@ -438,32 +511,36 @@ def dpo_loss(
         _check_vector("rejected_lengths", rejected_lengths, shape)
         chosen_lengths, rejected_lengths = chosen_lengths.to(dtype), rejected_lengths.to(dtype)
     nll = None
-    if nll_needed:
-        if "orpo" in types and (chosen_nll is None or nll_tokens is None):
-            raise ValueError("orpo needs chosen_nll and nll_tokens over the chosen prompt and completion tokens")
-        chosen_nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
+    if spec.uses_nll:
+        if chosen_nll is None:
+            raise ValueError(f"loss_type {sorted(t for t, _ in spec.terms)} has an NLL term and needs chosen_nll, the "
+                             "summed NLL of each chosen completion: pass chosen_nll=-policy_chosen_logps when those "
+                             "are summed (not averaged) log-probs")
+        if "orpo" in types and nll_tokens is None:
+            raise ValueError("orpo needs nll_tokens, the count of chosen prompt and completion tokens chosen_nll sums")
         _check_vector("chosen_nll", chosen_nll, shape)
         nll = chosen_nll.sum() / (chosen_lengths.sum() if nll_tokens is None else nll_tokens)
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    f_div, f_alpha = spec.f_divergence_type, spec.f_alpha_divergence_coef
     pairs = _Pairs(
-        beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
-        cpo_alpha=cpo_alpha, chosen=policy_chosen_logps, rejected=policy_rejected_logps,
-        ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps,
+        beta=spec.beta, label_smoothing=spec.label_smoothing, discopop_tau=spec.discopop_tau,
+        simpo_gamma=spec.simpo_gamma, cpo_alpha=spec.cpo_alpha, chosen=policy_chosen_logps,
+        rejected=policy_rejected_logps, ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps,
         chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
-        chosen_scores=_f_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
-        rejected_scores=_f_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef),
+        chosen_scores=_f_scores(chosen_logratios, f_div, f_alpha),
+        rejected_scores=_f_scores(rejected_logratios, f_div, f_alpha),
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, nll=nll,
     )
-    losses = sum(_LOSSES[t](pairs) * w for t, w in terms)
+    losses = sum(_LOSSES[t](pairs) * w for t, w in spec.terms)
     if pair_weights is not None:
         _check_vector("pair_weights", pair_weights, shape)
         losses = losses * pair_weights.detach().to(losses.dtype)
 
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    if LENGTH_NORMALISED_LOSSES & types:
+    chosen_rewards = spec.beta * chosen_logratios.detach()
+    rejected_rewards = spec.beta * rejected_logratios.detach()
+    if spec.length_normalised:
         chosen_rewards = _per_token(chosen_rewards, chosen_lengths)
         rejected_rewards = _per_token(rejected_rewards, rejected_lengths)
     return losses, chosen_rewards, rejected_rewards

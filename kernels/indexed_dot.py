@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import transform_args
+from .launch import transform_args
 from .tiles import apply_transform
 
 

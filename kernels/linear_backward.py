@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import dot_precision, tile_config, transform_args, upcast_dot
+from .launch import dot_precision, tile_config, transform_args, upcast_dot
 from .tiles import logit_tile, transform_grad_scale
 
 

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import dot_precision, interpreting, tile_config, transform_args, upcast_dot
 from .indexed_dot import indexed_dot
+from .launch import dot_precision, interpreting, tile_config, transform_args, upcast_dot
 from .tiles import logit_tile
 
 

@@ -1,6 +1,6 @@
 """Triton helpers shared by the kernels: the logit transform and the projection of one tile.
 
-The transform follows ``fastdpo.transform.LogitTransform`` step for step (scale, soft-cap,
+The transform follows ``fastdpo.ops.transform.LogitTransform`` step for step (scale, soft-cap,
 temperature), so both backends compute the same function.
 """
 

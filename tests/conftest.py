@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """A fastdpo cache holding the one conversion of the shared SmolLM2 GGUF made in this test session."""
-    from fastdpo import models
     from _shared import SMOLLM2_DIR, SMOLLM2_GGUF
+    from fastdpo.models import sources as models
 
     cache = tmp_path_factory.mktemp("smollm2-cache")
     with pytest.MonkeyPatch.context() as mp:

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from fastdpo import cli
-from fastdpo.modeling import packed_sequence_logps
-from fastdpo.packing import pack_pairs
 from _reference import rel_err
 from _shared import SMOLLM2_GGUF
+from fastdpo import cli
+from fastdpo.data.packing import pack_pairs
+from fastdpo.train.forward import packed_sequence_logps
 
 H, A = "\n\nHuman: ", "\n\nAssistant:"
 # Hand-written dialogues in Anthropic HH's implicit-prompt layout.
@@ -104,9 +104,9 @@ def test_short_real_run_loss_falls_and_adapter_reloads(tmp_path, smollm2_cache, 
     assert summary["drops"]["train"] == {"rows": 4, "kept": 4, "prompt_too_long": 0, "identical": 0}
 
     from peft import PeftModel
-    from fastdpo.models import load_causal_lm, load_tokenizer, resolve_model
-
     from transformers import AutoTokenizer
+
+    from fastdpo.models import load_causal_lm, load_tokenizer, resolve_model
 
     out = tmp_path / "out"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

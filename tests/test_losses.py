@@ -55,7 +55,8 @@ def test_rpo_alpha_is_trl_0_28_formula():
     pc, pr, rc, rr, nc, nr = batch(1)
     nll = -pc.sum() / nc.sum()
     dpo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3)
-    rpo, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.3, rpo_alpha=0.6, chosen_lengths=nc, rejected_lengths=nr)
+    rpo, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.3, rpo_alpha=0.6, chosen_lengths=nc, rejected_lengths=nr,
+                          chosen_nll=-pc)
     assert torch.allclose(rpo, dpo + 0.6 * nll, rtol=1e-14)
     assert torch.equal(cr, 0.3 * (pc - rc).detach()) and torch.equal(rj, 0.3 * (pr - rr).detach())
     explicit, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, rpo_alpha=0.6, chosen_nll=-pc * 2, nll_tokens=5.0)
@@ -67,13 +68,13 @@ def test_nll_shares_add_up_to_the_effective_batch_mean():
     (tokens × its pairs / all pairs): the micro-batches' summed losses over all pairs are then the token mean
     over the whole effective batch, whatever the split (fastdpo.DPOTrainer)."""
     pc, pr, rc, rr, nc, nr = batch(2, b=6)
-    whole, _, _ = dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=nc, rejected_lengths=nr)
+    whole, _, _ = dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=nc, rejected_lengths=nr, chosen_nll=-pc)
     assert whole.mean().item() == pytest.approx((-pc.sum() / nc.sum()).item(), rel=1e-14)
     total = 0
     for part in (slice(0, 1), slice(1, 6)):
         share = nc.sum() * (part.stop - part.start) / 6
         total = total + dpo_loss(pc[part], pr[part], rc[part], rr[part], loss_type="sft", chosen_lengths=nc[part],
-                                 rejected_lengths=nr[part], nll_tokens=share)[0].sum() / 6
+                                 rejected_lengths=nr[part], nll_tokens=share, chosen_nll=-pc[part])[0].sum() / 6
     assert total.item() == pytest.approx(whole.mean().item(), rel=1e-14)
 
 
@@ -82,7 +83,7 @@ def test_simpo_and_orpo_by_hand():
     ac, ar = pc / nc, pr / nr
     nll = -pc.sum() / nc.sum()
     losses, cr, _ = dpo_loss(pc, pr, None, None, loss_type="simpo", beta=2.0, simpo_gamma=0.4, cpo_alpha=0.5,
-                             chosen_lengths=nc, rejected_lengths=nr)
+                             chosen_lengths=nc, rejected_lengths=nr, chosen_nll=-pc)
     assert torch.allclose(losses, torch.nn.functional.softplus(-(2.0 * (ac - ar) - 0.4)) + 0.5 * nll, rtol=1e-12)
     assert torch.allclose(cr, 2.0 * ac.detach())
     odds = lambda a: a - torch.log1p(-torch.exp(a))       # noqa: E731
@@ -111,7 +112,12 @@ def test_pair_weights_scale_each_pair_and_carry_no_gradient():
     ({"loss_type": "ipo"}, "needs chosen_lengths and rejected_lengths"),
     ({"loss_type": "sft"}, "needs chosen_lengths and rejected_lengths"),
     ({"loss_type": "orpo", "chosen_lengths": torch.ones(2), "rejected_lengths": torch.ones(2)},
-     "orpo needs chosen_nll and nll_tokens"),
+     r"has an NLL term and needs chosen_nll"),
+    ({"loss_type": "orpo", "chosen_lengths": torch.ones(2), "rejected_lengths": torch.ones(2),
+      "chosen_nll": torch.ones(2)}, "orpo needs nll_tokens"),
+    # averaged log-probs would make a wrong NLL silently: the NLL is never derived from policy_chosen_logps
+    ({"loss_type": "sft", "chosen_lengths": torch.ones(2), "rejected_lengths": torch.ones(2)},
+     r"pass chosen_nll=-policy_chosen_logps when those are summed"),
     ({"chosen_lengths": torch.ones(3), "rejected_lengths": torch.ones(3)}, r"chosen_lengths must be a tensor of shape"),
     ({"pair_weights": torch.ones(1)}, r"pair_weights must be a tensor of shape \(2,\)"),
 ])

@@ -16,16 +16,16 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from trl.experimental.cpo import CPOTrainer                       # noqa: E402
-from trl.experimental.orpo import ORPOTrainer                     # noqa: E402
-from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer   # noqa: E402
-from trl.trainer.utils import FusedCausalLMOutput                 # noqa: E402
+from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer  # noqa: E402
+from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 
-from fastdpo import DPOConfig, dpo_loss                           # noqa: E402
-from fastdpo.batch_logps import sequence_logps                    # noqa: E402
-from fastdpo.losses import F_DIVERGENCE_LOSSES                    # noqa: E402
-from fastdpo.modeling import ld_pair_logps, wpo_weights           # noqa: E402
-from _reference import rel_err                                    # noqa: E402
+from _reference import rel_err  # noqa: E402
+from fastdpo import DPOConfig, dpo_loss  # noqa: E402
+from fastdpo.losses import F_DIVERGENCE_LOSSES  # noqa: E402
+from fastdpo.ops import sequence_logps  # noqa: E402
+from fastdpo.train.forward import ld_pair_logps, wpo_weights  # noqa: E402
 
 TRL_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -208,7 +208,7 @@ def test_wpo_where_trl_fails(loss_type):
     sums, lengths = sequence_logps(token_logps, cu), cu[1:] - cu[:-1]
     weights = wpo_weights(token_logps, packed(data, data.log_sum_p2)[0], cu)
     args = (sums[0::2], sums[1::2], data.ref_chosen, data.ref_rejected)
-    kwargs = dict(loss_type=loss_type, chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2])
+    kwargs = dict(loss_type=loss_type, chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2], chosen_nll=-sums[0::2])
     weighted = dpo_loss(*args, pair_weights=weights, **kwargs)[0]
     assert weights.min() > 0 and not torch.allclose(weights, torch.ones_like(weights))
     assert torch.equal(weighted, dpo_loss(*args, **kwargs)[0] * weights)

@@ -12,8 +12,8 @@ Every timed step produces d hidden and d weight.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -2,7 +2,7 @@
 
 TRL 1.16 gives its models a fused LM head (``trl.trainer.utils.add_fused_lm_head``): called with
 ``fused_lm_head=True``, the forward runs the backbone and hands the hidden states at label
-positions to ``ChunkedLogProbFunction`` (cuBLAS tiles, torch fold on CPU). ``patch_dpo_trainer``
+positions to ``trl.trainer.utils._ChunkedLogProbFunction`` (cuBLAS tiles, torch fold on CPU). ``patch_dpo_trainer``
 swaps that function for ``fastdpo.linear_logps`` on the trainer's policy and reference models
 only; TRL's data path, losses and metrics stay TRL's own.
 """
@@ -18,7 +18,8 @@ import types
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from ..linear_logps import linear_logps
+from ..models.wrappers import causal_lm
+from ..ops import linear_logps
 
 #: TRL versions whose fused-head contract this module was checked against (see ``_check_contract``).
 SUPPORTED_TRL = SpecifierSet(">=1.16,<2")
@@ -32,7 +33,7 @@ _TRL_SIGNATURE = ["ctx", "hidden", "weight", "bias", "targets", "temperature", "
 
 
 class FastdpoLogProbFunction:
-    """Stands in for ``trl.kernels.ChunkedLogProbFunction``: same ``apply`` arguments and outputs."""
+    """Stands in for ``trl.trainer.utils._ChunkedLogProbFunction``: same ``apply`` arguments and outputs."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
@@ -58,13 +59,8 @@ def _check_contract():
     return trl_utils
 
 
-def _causal_lm(model):
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _route_fused_head(model, trl_utils) -> None:
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     fused = lm.forward
     if getattr(getattr(fused, "__func__", None), "__code__", None) is None \
             or fused.__func__.__code__.co_name != "_fused_forward":

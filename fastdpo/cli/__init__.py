@@ -1,0 +1,58 @@
+"""Layer 6, cli: the ``fastdpo`` command. Each subcommand lives in its own module, imported only when it runs, so
+``fastdpo --help`` loads nothing heavy; a subcommand may import every layer below."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+
+#: name -> (one-line help, "module:function" run with (argv, name)); a module per subcommand.
+SUBCOMMANDS = {
+    "train": ("Preference-tune a causal LM with DPO (packed batches, fused log-probs).", ".training:train"),
+    "train-online": ("Online DPO: sample two completions per prompt, rank them with a reward model or an LLM judge, "
+                     "train on the ranked pairs (packed batches, fused log-probs).", ".training:train"),
+    "sft": ("Supervised fine-tuning, the step before DPO (packed sequences, fused cross-entropy).", ".sft:main"),
+    "plot": ("Plot a run's training curves (loss, rewards) from its trainer_state.json.", ".plot:main"),
+}
+
+
+def __getattr__(name: str):
+    # the train command's functions, for callers and tests that use them programmatically
+    if name in ("parse_train_args", "train", "TrainArguments", "_train_parser"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastdpo", description="Fast, memory-lean DPO: fused LM-head log-probs, packed batches.",
+        epilog="Run 'fastdpo COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv)       # --help, --version, or an unknown command's error
+        parser.print_help()
+        return 0 if args.command is None else 2
+    module, function = SUBCOMMANDS[argv[0]][1].split(":")
+    run = getattr(importlib.import_module(module, __name__), function)
+    try:
+        run(argv[1:], argv[0])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastdpo {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+

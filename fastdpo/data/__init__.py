@@ -1,0 +1,10 @@
+"""Layer 2, data: load preference rows (local files, Hub names), find their prompts, tokenise them and pack them into
+padding-free micro-batches (``PackedBatch``). Imports torch, datasets and ``fastdpo.ops`` only, never transformers."""
+
+from .formats import extract_prompt
+from .loading import load_preference_dataset
+from .packing import PackedBatch, TokenBudgetBatchSampler, pack_pairs, pair_length
+from .tokenization import tokenize_pairs, tokenize_prompts
+
+__all__ = ["PackedBatch", "TokenBudgetBatchSampler", "extract_prompt", "load_preference_dataset", "pack_pairs",
+           "pair_length", "tokenize_pairs", "tokenize_prompts"]

@@ -1,0 +1,12 @@
+"""Layer 1, ops: fused LM-head log-probs (``linear_logps``), log-probs from logits, per-sequence sums and TRL's
+``get_batch_logps`` drop-ins, on the Triton kernels or the PyTorch tiles. Imports torch and ``fastdpo.kernels`` only."""
+
+from .batch_logps import get_batch_logps, get_batch_logps_from_hidden
+from .dispatch import BACKENDS, Backend
+from .linear_logps import STATS, linear_logps
+from .logits_logps import logits_logps
+from .sequence import sequence_logps
+from .transform import LogitTransform
+
+__all__ = ["BACKENDS", "STATS", "Backend", "LogitTransform", "get_batch_logps", "get_batch_logps_from_hidden",
+           "linear_logps", "logits_logps", "sequence_logps"]

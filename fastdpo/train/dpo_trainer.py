@@ -1,0 +1,137 @@
+"""``DPOTrainer``: offline DPO-family training on ``transformers.Trainer`` — preference rows tokenised and packed
+under a token budget, the reference live or precomputed once and cached."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import torch
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import TokenBudgetBatchSampler, pack_pairs, pair_length, tokenize_pairs
+from ..data.packing import REF_COLUMNS, IndexedPairs
+from .config import DPOConfig
+from .reference import AdapterReference, PrecomputedReference, reference_logps
+from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
+from .trainer import PreferenceTrainer
+
+logger = logging.getLogger(__name__)
+
+TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+class DPOTrainer(PreferenceTrainer):
+    """Direct Preference Optimisation (Rafailov et al. 2023) and its family (``fastdpo.dpo_loss``'s losses) on
+    ``transformers.Trainer``, with packed pairs and fused log-probs. The README's "Training" and "Reference
+    options" sections describe the modes; ``DPOConfig`` documents every option.
+
+    Args:
+        model: the policy, a causal LM (or a ``peft.PeftModel``; with ``peft_config`` it is wrapped here).
+        ref_model: a frozen reference model (with a PEFT policy only with ``args.force_use_ref_model``); None:
+            the reference is the PEFT policy with its adapters disabled (or ``args.ref_adapter_name``), or a
+            frozen copy of a fully fine-tuned policy, or nothing for a reference-free loss.
+        args: a ``DPOConfig``.
+        train_dataset, eval_dataset: raw preference rows in any of TRL's formats (tokenised here with
+            ``fastdpo.data.tokenize_pairs``) or already tokenised pairs.
+        processing_class: the tokenizer (required for raw rows; saved with the model).
+        peft_config: a ``peft`` config to wrap ``model`` with.
+
+    Raises:
+        ValueError: raw rows without a tokenizer, the errors of tokenisation and packing (malformed rows, pairs
+            longer than the token budget), of ``DPOConfig`` and of ``PreferenceTrainer``.
+    """
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, **kwargs):
+        args = args or DPOConfig(output_dir="fastdpo-output")
+        self.drop_reports: dict[str, dict] = {}
+        train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
+        eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
+        super().__init__(model, ref_model, args=args, peft_config=peft_config, data_collator=pack_pairs,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         **kwargs)
+        if self.reference is None:
+            return
+        if args.precompute_ref_log_probs:
+            self.train_dataset = self._with_reference(self.train_dataset, "train")
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference(self.eval_dataset, "eval")
+            self.reference = PrecomputedReference()   # the reference model is released: training never needs it
+        elif set(REF_COLUMNS) <= set(self.train_dataset.column_names):
+            self.reference = PrecomputedReference(fallback=self.reference)
+
+    # ------------------------------------------------------------------ data
+    def _tokenized(self, dataset, tokenizer, args: DPOConfig, split: str):
+        if dataset is None or set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
+            return dataset
+        if tokenizer is None:
+            raise ValueError(f"the {split} dataset holds raw rows: pass the tokenizer as processing_class")
+        tokenized, report = tokenize_pairs(
+            dataset, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+            truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc,
+        )
+        self.drop_reports[split] = report
+        return tokenized
+
+    def _packed_loader(self, dataset, *, shuffle: bool) -> DataLoader:
+        lengths = [pair_length(row) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
+        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle,
+                                          seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        loader = DataLoader(IndexedPairs(dataset), batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def get_train_dataloader(self) -> DataLoader:
+        self.metrics.restart_clock()   # tokens/s counts training time, not setup
+        return self._packed_loader(self.train_dataset, shuffle=True)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        return self._packed_loader(dataset, shuffle=False)
+
+    # ------------------------------------------------------- precomputed reference
+    def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+        """The dataset with reference log-prob columns, computed once per (data, reference weights, ld_alpha)
+        and cached on disk (``fastdpo.train.reference_cache``): each machine's main process computes or loads
+        them first, the other processes then load its file."""
+        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
+        # A reference adapter is part of the reference; disabled adapters are not.
+        adapter = isinstance(self.reference, AdapterReference) and self.reference.ref_adapter_name is not None
+        weights = model_fingerprint(ref, exclude_adapters=not adapter)
+        fingerprint = Hasher.hash((dataset._fingerprint, weights, "ref-v2", self.args.ld_alpha))
+        path = cache_path(fingerprint)
+        with self.accelerator.local_main_process_first():
+            cached = load_ref_logps(path, fingerprint, len(dataset))
+            if cached is None:
+                logger.info("reference log-probs (%s): computing %d pairs into %s", split, len(dataset), path)
+                cached = self._compute_reference(dataset, split)
+                save_ref_logps(path, fingerprint, *cached)
+            else:
+                logger.info("reference log-probs (%s): loaded from %s", split, path)
+        for column, values in zip(REF_COLUMNS, cached):
+            dataset = dataset.add_column(column, values.tolist(), new_fingerprint=Hasher.hash((fingerprint, column)))
+        return dataset
+
+    def _compute_reference(self, dataset: datasets.Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] float32 chosen and rejected reference log-probs of every pair, in token-budget micro-batches."""
+        model = self.ref_model if self.ref_model is not None else self.model
+        rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
+        chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
+        sampler = TokenBudgetBatchSampler([pair_length(row) for row in rows], self.args.max_tokens_per_batch,
+                                          shuffle=False)
+        was_training = model.training
+        model.eval()
+        try:
+            for idx in tqdm(sampler, desc=f"reference log-probs ({split})", disable=self.args.disable_tqdm):
+                batch = self._prepare_inputs(pack_pairs([rows[i] for i in idx]))
+                with self.compute_loss_context_manager():
+                    c, r = reference_logps(self.reference, self.model, batch)
+                chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+        finally:
+            model.train(was_training)
+        return chosen, rejected

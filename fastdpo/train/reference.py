@@ -1,0 +1,114 @@
+"""The reference log-probs of a micro-batch, by a strategy resolved once when the trainer is built: none, a
+separate frozen model (given, or a copy of a fully fine-tuned policy), a second frozen PEFT adapter, the PEFT
+policy with its adapters disabled, or values precomputed into the dataset (``fastdpo.train.reference_cache``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from ..data import PackedBatch
+from ..models import causal_lm, is_peft
+from .forward import packed_sequence_logps
+
+Logps = tuple[torch.Tensor, torch.Tensor]
+
+
+class ReferenceModel:
+    """A separate frozen reference model (``ref_model``, or a copy of the policy)."""
+
+    description = "a separate frozen model"
+
+    def __init__(self, model: torch.nn.Module, ld_alpha: float | None):
+        self.model, self.ld_alpha = model.requires_grad_(False).eval(), ld_alpha
+
+    def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
+        return packed_sequence_logps(self.model, batch, ld_alpha=self.ld_alpha)
+
+
+class AdapterReference:
+    """The PEFT policy with a second, frozen adapter active (``ref_adapter_name``) or with its adapters disabled
+    (``ref_adapter_name`` None); ``unwrap`` maps the Trainer's (DDP-wrapped) model to the PeftModel."""
+
+    def __init__(self, unwrap: Callable, ld_alpha: float | None, ref_adapter_name: str | None = None,
+                 model_adapter_name: str | None = None):
+        self.unwrap, self.ld_alpha = unwrap, ld_alpha
+        self.ref_adapter_name, self.model_adapter_name = ref_adapter_name, model_adapter_name
+        self.description = (f"the frozen adapter {ref_adapter_name!r}" if ref_adapter_name
+                            else "the policy with its adapters disabled")
+
+    def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
+        peft_model = self.unwrap(policy)
+        context = (reference_adapter(peft_model, self.ref_adapter_name, self.model_adapter_name)
+                   if self.ref_adapter_name else peft_model.disable_adapter())
+        with context:
+            return packed_sequence_logps(policy, batch, ld_alpha=self.ld_alpha)
+
+
+class PrecomputedReference:
+    """Reference log-probs read from the batch (``ref_chosen_logps``/``ref_rejected_logps`` columns of the dataset,
+    from ``precompute_ref_log_probs`` or the user's own, as TRL takes them); a batch without them goes to
+    ``fallback`` (None once the reference model is released)."""
+
+    description = "precomputed log-probs"
+
+    def __init__(self, fallback: ReferenceModel | AdapterReference | None = None):
+        self.fallback = fallback
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return getattr(self.fallback, "model", None)
+
+    def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
+        if batch.ref_logps is not None:
+            return batch.ref_logps
+        if self.fallback is None:
+            raise ValueError("this micro-batch carries no precomputed reference log-probs and the reference model "
+                             "was released (precompute_ref_log_probs=True): give every dataset its reference columns")
+        return self.fallback.logps(policy, batch)
+
+
+Reference = ReferenceModel | AdapterReference | PrecomputedReference
+
+
+def resolve_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, args, needs_reference: bool,
+                      unwrap: Callable, model_adapter_name: str | None) -> Reference | None:
+    """The reference strategy, in TRL's order of precedence: none when the loss needs none; ``ref_model``; the
+    reference adapter ``args.ref_adapter_name``; a PEFT policy's disabled adapters; a frozen copy of the policy."""
+    if not needs_reference:
+        return None
+    if ref_model is not None:
+        return ReferenceModel(ref_model, args.ld_alpha)
+    if is_peft(model):
+        return AdapterReference(unwrap, args.ld_alpha, args.ref_adapter_name, model_adapter_name)
+    return ReferenceModel(copy.deepcopy(causal_lm(model)), args.ld_alpha)
+
+
+def reference_logps(reference: Reference | None, policy: torch.nn.Module, batch: PackedBatch) -> Logps | None:
+    """The (chosen [B], rejected [B]) reference log-probs, without gradient, or None without a reference."""
+    if reference is None:
+        return None
+    with torch.no_grad():
+        return reference.logps(policy, batch)
+
+
+@contextmanager
+def reference_adapter(peft_model, ref_adapter_name: str, model_adapter_name: str):
+    """Run the enclosed forward with ``ref_adapter_name`` as the active adapter, then reactivate
+    ``model_adapter_name`` (TRL <= 0.28 ``DPOTrainer.null_ref_context``).
+
+    peft's ``set_adapter(name)`` makes ``name``'s weights trainable and every other adapter's frozen; the
+    reference is activated with ``inference_mode=True`` so its weights never get ``requires_grad``, and
+    reactivating the train adapter restores its ``requires_grad`` before the backward.
+
+    Raises:
+        ValueError: (peft) an adapter name that is not loaded.
+    """
+    peft_model.set_adapter(ref_adapter_name, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(model_adapter_name)

@@ -1,0 +1,254 @@
+"""``PreferenceTrainer``: what offline and online DPO share on ``transformers.Trainer`` — the reference strategy,
+the loss over the pairs of the effective batch, the metric window and atomic checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+from transformers import Trainer
+
+from ..data import PackedBatch
+from ..losses import LossSpec, orpo_log_odds, preference_loss
+from ..models import causal_lm, is_peft
+from .checkpoints import AtomicCheckpointMixin
+from .config import DPOConfig
+from .forward import PairLogps, chosen_nll_tokens, pair_logps
+from .metrics import MetricWindow
+from .ref_sync import SyncRefModelCallback, check_sync_compatible
+from .reference import ReferenceModel, reference_logps, resolve_reference
+
+logger = logging.getLogger(__name__)
+
+
+def zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A zero loss whose backward reaches every trainable parameter through no activation: a micro-batch left
+    out of a step still gives DDP a gradient (of zeros) for each parameter."""
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+
+class PreferenceTrainer(AtomicCheckpointMixin, Trainer):
+    """The DPO-family loss on packed micro-batches (``fastdpo.data.PackedBatch``); subclasses supply the data.
+
+    The loss is ``fastdpo.losses.preference_loss`` with ``args``' ``LossSpec``, averaged over the pairs of the
+    effective batch (all micro-batches of one optimiser step, over all processes); the README's "Training"
+    section gives the normalisation of the NLL and MoE terms under accumulation and the logged metrics.
+
+    Raises:
+        ValueError: a PEFT policy with ``ref_model`` but without ``force_use_ref_model``; adapter names on a
+            policy that is not a PeftModel, not loaded in it, or naming the trained adapter as the reference;
+            ``ref_adapter_name`` together with ``ref_model``; ``sync_ref_model`` with a reference whose parameter
+            names or shapes differ from the policy's; ``router_aux_loss_coef`` on a model without router logits.
+        NotImplementedError: ``sync_ref_model`` with a PEFT policy (TRL 1.16's check).
+    """
+
+    # compute_loss already divides by the pairs of the whole effective batch
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, peft_config=None, **kwargs):
+        if peft_config is not None and not is_peft(model):
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        _check_reference_options(model, ref_model, args)
+        model_adapter = _set_up_adapters(model, args)
+        super().__init__(model=model, args=args, **kwargs)
+        self.loss_spec = args.loss_spec()
+        self.metrics = MetricWindow(
+            (lambda t: self.accelerator.reduce(t, reduction="sum")) if args.world_size > 1 else None)
+        self.aux_loss_enabled, self.router_aux_loss_coef = _router_aux_loss(model, args)
+        self._step_nll_tokens: torch.Tensor | None = None
+        self.reference = resolve_reference(model, ref_model, args, self.loss_spec.needs_reference,
+                                           self.accelerator.unwrap_model, model_adapter)
+        if isinstance(self.reference, ReferenceModel):
+            if args.sync_ref_model:
+                check_sync_compatible(causal_lm(model), self.reference.model)
+            self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+            if args.sync_ref_model:
+                self.add_callback(SyncRefModelCallback(
+                    self.reference.model, lambda m: causal_lm(self.accelerator.unwrap_model(m))))
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The separate reference model, or None (no reference, adapters, or released after precomputing)."""
+        return getattr(self.reference, "model", None)
+
+    def step_loss_spec(self) -> LossSpec:
+        """The loss of the current step (a subclass may vary one field, e.g. β per epoch)."""
+        return self.loss_spec
+
+    # ------------------------------------------------------------------ data
+    def _prepare_inputs(self, inputs: PackedBatch) -> PackedBatch:
+        return inputs.to(self.args.device)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimiser step and their number of pairs, over all processes; with an NLL
+        term also the effective batch's chosen NLL tokens, which each micro-batch's NLL mean divides by."""
+        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        spec = self.loss_spec
+        nll_tokens = sum(int(chosen_nll_tokens(b, with_prompt=spec.prompt_nll).sum()) for b in batch_samples) \
+            if spec.uses_nll else 0
+        counts = torch.tensor([[sum(b.num_pairs for b in batch_samples), nll_tokens]], device=device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.gather(counts)
+        pairs, nll_tokens = counts.sum(0)
+        self._step_nll_tokens = nll_tokens if spec.uses_nll else None
+        return batch_samples, pairs
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
+        """Mean loss over the pairs of the effective batch (``num_items_in_batch`` pairs over all processes;
+        scaled by the process count because DDP averages gradients), or over this micro-batch when no count
+        is given (evaluation)."""
+        spec = self.step_loss_spec()
+        policy = pair_logps(model, inputs, ld_alpha=spec.ld_alpha, wpo=spec.use_weighting,
+                            prompt_nll=spec.prompt_nll)
+        ref = reference_logps(self.reference, model, inputs)
+        nll_tokens = policy.nll_tokens.sum()
+        if num_items_in_batch is not None and self._step_nll_tokens is not None:
+            nll_tokens = self._step_nll_tokens * inputs.num_pairs / num_items_in_batch
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            spec, policy.chosen, policy.rejected, *(ref or (None, None)),
+            chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
+            chosen_nll=policy.chosen_nll, nll_tokens=nll_tokens, pair_weights=policy.wpo_weights,
+        )
+        if model.training and not bool(torch.isfinite(losses).all()):
+            return self._nonfinite(model, inputs, losses)
+        if num_items_in_batch is None:
+            loss, share = losses.mean(), 1.0
+        else:
+            loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
+            share = inputs.num_pairs / num_items_in_batch * self.accelerator.num_processes
+        aux = policy.aux_loss if self.aux_loss_enabled else None
+        if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
+            loss = loss + self.router_aux_loss_coef * aux * share
+        per_pair, per_token = self.loss_metrics(inputs, policy, ref, losses, chosen_rewards, rejected_rewards, aux)
+        self.metrics.add("train" if model.training else "eval", inputs, per_pair, per_token)
+        return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
+            else loss
+
+    def _nonfinite(self, model, inputs: PackedBatch, losses):
+        """A NaN/inf pair loss stops training, naming the step and the pairs; with ``skip_nonfinite_losses`` the
+        micro-batch is left out instead. Its backward would spread the NaN through every shared weight, so the
+        skip returns ``zero_loss``."""
+        bad = ~torch.isfinite(losses)
+        pairs = (inputs.pair_index[bad] if inputs.pair_index is not None else bad.nonzero().flatten()).tolist()
+        where = f"step {self.state.global_step + 1}, training pair(s) {pairs} (losses {losses[bad].tolist()})"
+        if not self.args.skip_nonfinite_losses:
+            raise FloatingPointError(f"non-finite DPO loss at {where}; the weights were not updated. "
+                                     "Set skip_nonfinite_losses to leave such micro-batches out.")
+        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", inputs.num_pairs, where)
+        self.metrics.add_total("train", "skipped_pairs", inputs.num_pairs)
+        return zero_loss(model)
+
+    # --------------------------------------------------------------- metrics
+    def loss_metrics(self, batch: PackedBatch, policy: PairLogps, ref, losses, chosen_rewards, rejected_rewards,
+                     aux=None) -> tuple[dict, dict]:
+        """TRL's per-pair metrics ({name: [B]}) and per-token ones ({name: (sum, count)}) of one micro-batch."""
+        spec = self.step_loss_spec()
+        chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
+        losses = losses.detach()
+        if aux is not None:   # eval_loss is the mean of these: the optimised loss, aux term included
+            losses = losses + self.router_aux_loss_coef * aux.detach()
+        if spec.length_normalised:
+            chosen, rejected = chosen / policy.chosen_lengths, rejected / policy.rejected_lengths
+        per_pair = {
+            "loss": losses,
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen,
+            "logps/rejected": rejected,
+        }
+        if spec.prompt_nll:
+            log_odds = orpo_log_odds(chosen, rejected)
+            per_pair.update({"log_odds_ratio": torch.nn.functional.logsigmoid(log_odds), "log_odds_chosen": log_odds})
+        if aux is not None:   # weighted by pairs, as in the loss
+            per_pair["aux_loss"] = aux.detach().expand(losses.numel())
+        per_token = {"nll_loss": (policy.chosen_nll.detach().sum(), policy.nll_tokens.sum())} if spec.uses_nll else {}
+        return per_pair, per_token
+
+    def evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:   # evaluation inside training does not count as training time for tokens/s
+            self.metrics.exclude(time.perf_counter() - start)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        # the Trainer's training loss is the optimised one
+        logs.update(self.metrics.pop(mode, skip=("loss",) if mode == "train" else ()))
+        super().log(logs, start_time)
+
+
+def _check_reference_options(model, ref_model, args: DPOConfig) -> None:
+    if is_peft(model) and ref_model is not None and not args.force_use_ref_model:
+        raise ValueError(
+            "You passed both a ref_model and a PEFT model. For training PEFT adapters with DPO there is no need to "
+            "pass a reference model. Please pass `ref_model=None` in case you want to train PEFT adapters, or pass "
+            "a ref_model with `force_use_ref_model=True` if you want to use a different ref_model."
+        )
+    if args.sync_ref_model and is_peft(model):
+        raise NotImplementedError(
+            "You passed `sync_ref_model=True` while using a PEFT model, which is currently not supported. "
+            "With PEFT, DPOTrainer does not keep a separate reference model in memory; instead, it recovers "
+            "reference behavior by temporarily disabling the adapter (or switching to `ref_adapter_name`), and a "
+            "forced `ref_model` has none of the policy's adapter weights. As a result, there is no standalone "
+            "`ref_model` instance to synchronize. Use `sync_ref_model=False`, or opt for full fine-tuning if you "
+            "need a synced reference model."
+        )
+    if (args.model_adapter_name or args.ref_adapter_name) and not is_peft(model):
+        raise ValueError("model_adapter_name/ref_adapter_name name PEFT adapters, but the policy is not a "
+                         "peft.PeftModel (load it with PeftModel.from_pretrained or pass peft_config)")
+    if args.ref_adapter_name and ref_model is not None:
+        raise ValueError("pass either a ref_model (with force_use_ref_model) or ref_adapter_name, not both: "
+                         "each is a whole reference")
+
+
+def _set_up_adapters(model, args: DPOConfig) -> str | None:
+    """Activates the adapter to train and freezes the reference adapter; returns the train adapter's name."""
+    if not is_peft(model):
+        return None
+    loaded = sorted(model.peft_config)
+    for option in ("model_adapter_name", "ref_adapter_name"):
+        name = getattr(args, option)
+        if name is not None and name not in model.peft_config:
+            raise ValueError(f"{option}={name!r} is not loaded in the PEFT model (its adapters: {loaded}); load "
+                             f"it with PeftModel.load_adapter(path, adapter_name={name!r})")
+    train = args.model_adapter_name or model.active_adapter
+    if args.ref_adapter_name == train:
+        raise ValueError(f"ref_adapter_name={train!r} is the adapter being trained (the active one): load the "
+                         "reference as a second adapter and name the trained one with model_adapter_name")
+    if args.model_adapter_name is not None or args.ref_adapter_name is not None:
+        # peft's set_adapter makes the named adapter trainable and freezes every other one, so a reference
+        # adapter loaded with is_trainable=True never reaches the optimiser.
+        model.set_adapter(train)
+    return train
+
+
+def _router_aux_loss(model, args: DPOConfig) -> tuple[bool, float]:
+    """(enabled, coefficient) of the MoE router load-balancing loss; the coefficient is
+    ``args.router_aux_loss_coef`` or else the config's (TRL 1.16 ``DPOTrainer.__init__``)."""
+    lm = causal_lm(model)
+    config = lm.config.get_text_config()
+    returns_router_logits = bool(getattr(config, "output_router_logits", False))
+    coef = args.router_aux_loss_coef
+    if coef and not returns_router_logits:
+        raise ValueError(
+            f"router_aux_loss_coef is set to {coef} but {type(lm).__name__} returns no router logits "
+            f"(its config's output_router_logits is {getattr(config, 'output_router_logits', 'absent')}), so "
+            "there is no auxiliary loss to weight: set output_router_logits=True on a Mixture-of-Experts model's "
+            "config, or leave router_aux_loss_coef unset."
+        )
+    coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return returns_router_logits and coef != 0.0, float(coef)

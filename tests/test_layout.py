@@ -1,0 +1,101 @@
+"""The package's shape: layers import only downward, `from fastdpo import linear_logps` stays light, modules stay
+short, every package ships in the wheel and says what it is."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fastdpo"
+# Each layer may import its own and lower ranks only (ops imports nothing above it; losses is pure torch).
+RANKS = {"kernels": 0, "ops": 1, "losses": 2, "data": 3, "models": 4, "train": 5, "online": 6, "sft": 6,
+         "integrations": 7, "cli": 7}
+HEAVY = ("transformers", "datasets", "peft", "bitsandbytes", "accelerate", "trl")
+
+
+def _sources():
+    yield from ((p, "kernels") for p in (ROOT / "kernels").glob("*.py"))
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[0] not in ("__init__", "__main__"):
+            yield path, parts[0]
+
+
+def _imported_layers(source: str, module: str, depth: int) -> set[str]:
+    """The fastdpo layers a module imports, relative or absolute, at any nesting (lazy imports count too).
+    ``module`` is its dotted name under fastdpo (``ops.dispatch``), ``depth`` its package depth."""
+    package = module.split(".")[:depth]
+    layers = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = base + (node.module.split(".") if node.module else [])
+                names = [target] if target else [[alias.name] for alias in node.names]
+            elif node.module and node.module.split(".")[0] == "fastdpo":
+                rest = node.module.split(".")[1:]
+                names = [rest] if rest else [[alias.name] for alias in node.names]
+            else:
+                continue
+            layers |= {n[0] for n in names if n and n[0] in RANKS}
+        elif isinstance(node, ast.Import):
+            layers |= {a.name.split(".")[1] for a in node.names
+                       if a.name.startswith("fastdpo.") and a.name.split(".")[1] in RANKS}
+    return layers
+
+
+def _violations(path: Path, layer: str) -> list[str]:
+    if layer == "kernels":
+        module, depth = "kernels." + path.stem, 1
+    else:
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        module, depth = ".".join(parts), len(parts) - (0 if parts[-1] == "__init__" else 1)
+    return [f"{module} ({layer}) imports {other}" for other in _imported_layers(path.read_text(), module, depth)
+            if RANKS[other] > RANKS[layer]]
+
+
+def test_layers_import_only_downward():
+    problems = [v for path, layer in _sources() for v in _violations(path, layer)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_direction_check_can_fail(tmp_path):
+    bad = tmp_path / "dispatch.py"
+    bad.write_text("def f():\n    from ..train import DPOTrainer\n    from fastdpo.data import pack_pairs\n")
+    assert _imported_layers(bad.read_text(), "ops.dispatch", 1) == {"train", "data"}
+
+
+def test_ops_import_loads_nothing_heavy():
+    code = f"import sys; from fastdpo import linear_logps; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT.parent)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _code_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+def test_modules_stay_short():
+    long = {str(p.relative_to(ROOT)): n for p, _ in _sources() if p.name != "losses.py"
+            and (n := _code_lines(p)) > 300}
+    assert not long, f"modules over 300 lines of code: {long}"
+
+
+def test_every_package_is_in_the_wheel_and_documented():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(("fastdpo", *p.parent.relative_to(PACKAGE).parts)) for p in PACKAGE.rglob("__init__.py")}
+    assert listed == on_disk | {"fastdpo.kernels"}
+    for init in [*PACKAGE.rglob("__init__.py"), ROOT / "kernels" / "__init__.py"]:
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{init} has no docstring"
+
+
+@pytest.mark.parametrize("name", ["DPOConfig", "DPOTrainer", "OnlineDPOConfig", "OnlineDPOTrainer", "dpo_loss",
+                                  "linear_logps", "get_batch_logps", "sequence_logps", "LogitTransform"])
+def test_public_names_resolve(name):
+    import fastdpo
+
+    assert getattr(fastdpo, name) is not None and name in dir(fastdpo)
