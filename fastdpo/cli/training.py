@@ -126,10 +126,9 @@ def _checkpoint_to_resume(args) -> str | None:
     return last
 
 
-def train(argv: list[str], command: str = "train"):
-    """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
-    and a summary (wall time, peak RSS, dropped pairs), which is also printed."""
-    from ..data import load_preference_dataset
+def load_policy(script: TrainArguments, args):
+    """(tokenizer, policy, reference model or None) as the command line asks: the source resolved, the model
+    loaded (4-bit with ``--load-in-4bit``), wrapped in a saved or a new LoRA adapter, and ``--ref-model``."""
     from ..models import (
         apply_lora,
         default_attn_implementation,
@@ -138,6 +137,27 @@ def train(argv: list[str], command: str = "train"):
         load_tokenizer,
         resolve_model,
     )
+
+    source = resolve_model(script.model)
+    tokenizer = load_tokenizer(source, trust_remote_code=script.trust_remote_code)
+    load = dict(dtype=getattr(torch, script.dtype), trust_remote_code=script.trust_remote_code,
+                attn_implementation=script.attn_implementation or default_attn_implementation(args.device.type))
+    model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
+    if script.adapter:
+        model = load_lora_adapter(model, script.adapter, adapter_name=getattr(args, "model_adapter_name", None)
+                                  or "default", ref_adapter_name=getattr(args, "ref_adapter_name", None),
+                                  quantized=script.load_in_4bit)
+    elif script.use_peft:
+        model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
+                           target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
+    ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if script.ref_model else None
+    return tokenizer, model, ref_model
+
+
+def train(argv: list[str], command: str = "train"):
+    """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
+    and a summary (wall time, peak RSS, dropped pairs), which is also printed."""
+    from ..data import load_preference_dataset
 
     if command == "train-online":
         from ..online import OnlineDPOTrainer as trainer_class
@@ -149,22 +169,11 @@ def train(argv: list[str], command: str = "train"):
     start = time.perf_counter()
     # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
     set_seed(args.seed, deterministic=args.full_determinism)
-    source = resolve_model(script.model)
-    tokenizer = load_tokenizer(source, trust_remote_code=script.trust_remote_code)
+    tokenizer, model, ref_model = load_policy(script, args)
     train_ds, eval_ds = load_preference_dataset(
         script.dataset, split=script.dataset_split, eval_split=script.eval_split,
         eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed,
     )
-    load = dict(dtype=getattr(torch, script.dtype), trust_remote_code=script.trust_remote_code,
-                attn_implementation=script.attn_implementation or default_attn_implementation(args.device.type))
-    model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
-    if script.adapter:
-        model = load_lora_adapter(model, script.adapter, adapter_name=args.model_adapter_name or "default",
-                                  ref_adapter_name=args.ref_adapter_name, quantized=script.load_in_4bit)
-    elif script.use_peft:
-        model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
-                           target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
-    ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if script.ref_model else None
     # train-online has no eval split (parse_train_args refuses one), so eval_ds is None there
     trainer = trainer_class(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer)
