@@ -10,8 +10,25 @@ Layers, each importing only those before it: ``fastdpo.kernels`` and ``fastdpo.o
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# bitsandbytes' import probes for Hugging Face's `kernels` package on CPUs with AVX512-BF16 and logs a failure when it
+# is absent, then uses its own CPU path. peft and transformers' Trainer import bitsandbytes whenever it is installed,
+# so without this every `fastdpo train` would print that failure. Its prefix, verified with bitsandbytes 0.50:
+_BNB_PROBE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _demote_bnb_probe(record: logging.LogRecord) -> bool:
+    """A logging filter: the harmless probe failure becomes a DEBUG record, shown only where DEBUG is enabled."""
+    if not str(record.msg).startswith(_BNB_PROBE):
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_demote_bnb_probe)
 
 _EXPORTS = {
     "LogitTransform": "ops", "STATS": "ops", "get_batch_logps": "ops", "get_batch_logps_from_hidden": "ops",

@@ -100,7 +100,7 @@ def linear_forward(hidden, weight, bias, labels, transform, primitives, num_spli
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = tile_config(hidden.dtype)
+    cfg = tile_config("forward", hidden.dtype, n, d)
     splits = num_splits or _num_splits(n, v, cfg.block_n, cfg.block_v)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)

@@ -1,7 +1,9 @@
-"""Layer 1, ops: fused LM-head log-probs (``linear_logps``), log-probs from logits, per-sequence sums and TRL's
-``get_batch_logps`` drop-ins, on the Triton kernels or the PyTorch tiles. Imports torch and ``fastdpo.kernels`` only."""
+"""Layer 1, ops: fused LM-head log-probs (``linear_logps``) and cross-entropy (``linear_cross_entropy``), log-probs
+from logits, per-sequence sums and TRL's ``get_batch_logps`` drop-ins, on the Triton kernels or the PyTorch tiles.
+Imports torch and ``fastdpo.kernels`` only."""
 
 from .batch_logps import get_batch_logps, get_batch_logps_from_hidden
+from .cross_entropy import linear_cross_entropy
 from .dispatch import BACKENDS, Backend
 from .linear_logps import STATS, linear_logps
 from .logits_logps import logits_logps
@@ -9,4 +11,4 @@ from .sequence import sequence_logps
 from .transform import LogitTransform
 
 __all__ = ["BACKENDS", "STATS", "Backend", "LogitTransform", "get_batch_logps", "get_batch_logps_from_hidden",
-           "linear_logps", "logits_logps", "sequence_logps"]
+           "linear_cross_entropy", "linear_logps", "logits_logps", "sequence_logps"]

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Partial
 from ..data import PackedBatch
 from ..losses import check_ld_alpha
 from ..models import causal_lm
+from ..models.prefix_attention import attention_inputs
 from ..ops import linear_logps, sequence_logps
 
 
@@ -33,22 +34,28 @@ def _label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor
     The model's own forward runs (so DDP's gradient synchronisation, PEFT adapters and their
     disabling, and gradient checkpointing all apply) with ``logits_to_keep=1``, which leaves its LM
     head a single position; the backbone's final hidden states are taken from the decoder by a
-    forward hook. ``position_ids`` restart per sequence and no attention mask is passed: with
-    ``use_cache=False`` transformers derives the document mask from the position ids for every
+    forward hook. Unshared layout: ``position_ids`` restart per sequence and no attention mask is passed:
+    with ``use_cache=False`` transformers derives the document mask from the position ids for every
     attention implementation (block-diagonal causal for sdpa/eager, a ``BlockMask`` for
     flex_attention, varlen for flash-attention; ``packed_sdpa``, ``fastdpo.models.attention``, splits the
-    stream there), so attention never crosses a sequence boundary.
+    stream there), so attention never crosses a sequence boundary. Shared-prefix layout (``batch.segments``):
+    ``fastdpo.models.prefix_attention.attention_inputs`` adds the masks or the segment layout the model's
+    attention implementation needs, or raises ``ValueError`` for one that has no shared-prefix path.
     Only the hidden states at ``index`` reach ``fastdpo.linear_logps``, with the model's head weight,
-    bias and logit transform (an FSDP2-sharded head gathered first, ``_gathered``). ``logits_to_keep`` only
-    trims the LM head's input: the routers see every token, and as the stream has no padding, the aux loss
+    bias and logit transform (an FSDP2-sharded head gathered first, ``_gathered``); an index listed twice (the
+    last prompt position, predicting both first completion tokens) gets the sum of both gradients.
+    ``logits_to_keep`` only trims the LM head's input: the routers see every token of the stream (so with a
+    shared prefix each prompt token is routed once, not twice), and as the stream has no padding, the aux loss
     needs no attention mask.
     """
     lm = causal_lm(model)
+    attention = {} if batch.segments is None else attention_inputs(
+        lm.config, batch.position_ids, batch.segments, lm.get_input_embeddings().weight.dtype)
     captured = []
     hook = lm.get_decoder().register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
     try:
         output = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                       logits_to_keep=1)
+                       logits_to_keep=1, **attention)
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
@@ -126,7 +133,7 @@ def wpo_weights(token_logps: torch.Tensor, log_sum_p2: torch.Tensor, label_cu_se
 
 def chosen_prompt_targets(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chosen prompts' tokens after their first, as next-token targets in the packed stream (ORPO's NLL
-    covers the prompt too).
+    covers the prompt too). Both layouts: a pair's first segment is its whole ``prompt + chosen`` sequence.
 
     Returns:
         (stream positions [M] int64, target token ids [M] int64, cu_seqlens [B + 1] int64 of their spans).

@@ -1,0 +1,221 @@
+"""Ahead-of-time compile check of every kernel for NVIDIA targets, on a machine without a GPU.
+
+``python -m fastdpo.kernels.aot [--full] [--md PATH]`` compiles each kernel for sm_80 and sm_90 (and sm_100
+where this Triton ships its assembler) through ``triton.compile`` and reads registers, stack (spill) bytes and
+STL/LDL instructions from ``cuobjdump``, shared memory from the compile metadata, and whether the PTX uses wgmma.
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions); ``tests/kernels/test_aot.py``
+runs it in a subprocess. ``--full`` compiles every constexpr combination the launchers can produce; the default
+set is each kernel x dtype x target with every flag on and every flag off, at every config in ``launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+#: Largest dynamic shared memory of one block (A100: 163 KiB; H100/B200: 227 KiB).
+SMEM_LIMIT = {80: 166912, 90: 232448, 100: 232448}
+FLOATS = ("logit_scale", "softcap", "inv_temperature", "filter_eps")
+SIZES = ("N", "V", "D", "T")   # capitalised like the pointers, but ints
+#: kernel -> (module, launch-config kernel name or None, pointer args in the input dtype, {flag: values}).
+KERNELS = {
+    "_lse_forward_kernel": ("linear_lse_forward", "forward", ("H", "W", "B"),
+                            dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP", "EXP_LOGIT", "LSE_2Z", "SUM_LOGIT",
+                                           "MAX_OTHER"), (False, True))),
+    "_dh_kernel": ("linear_backward", "backward_dh", ("H", "W", "B"),
+                   dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP", "FILTER"), (False, True))),
+    "_dw_kernel": ("linear_backward", "backward_dw", ("H", "W", "B"),
+                   {**dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP", "FILTER"), (False, True)),
+                    "COMPUTE_DW": (True, False), "COMPUTE_DB": (True, False)}),
+    "_indexed_dot_kernel": ("indexed_dot", None, ("H", "W", "B"),
+                            dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP"), (False, True))),
+    "_logits_forward_kernel": ("logits_logps", None, ("X",), {}),
+    "_logits_backward_kernel": ("logits_logps", None, ("X", "DX"), {}),
+}
+#: Launch constants of the kernels that have no TileConfig (see their launchers).
+FIXED = {"_indexed_dot_kernel": ({"BLOCK_N": 16, "BLOCK_D": 128}, 4),
+         "_logits_forward_kernel": ({"BLOCK_V": 4096}, 8), "_logits_backward_kernel": ({"BLOCK_V": 4096}, 8)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str
+    dtype: str
+    arch: int
+    flags: tuple[tuple[str, bool], ...]
+    config: tuple[int, ...]        # (block_n, block_v, block_d, num_warps, num_stages); () for fixed kernels
+    default: bool                  # the config a launch uses
+
+
+def _bin(tool: str) -> str | None:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    return path if os.path.exists(path) else shutil.which(tool)
+
+
+def archs() -> tuple[int, ...]:
+    """sm_80 and sm_90, plus sm_100 when Triton ships the Blackwell assembler."""
+    return (80, 90, 100) if _bin("ptxas-blackwell") else (80, 90)
+
+
+def missing_tools() -> str | None:
+    for tool in ("cuobjdump", "ptxas"):
+        if _bin(tool) is None:
+            return f"{tool} not found (neither in the triton wheel nor on PATH)"
+    return None
+
+
+def _configs(kernel: str):
+    from . import launch
+
+    name = KERNELS[kernel][1]
+    if name is None:
+        return [("fp32", (), True), ("bf16", (), True), ("fp16", (), True)]
+    out = []
+    for dtype in DTYPES:
+        cls = "fp32" if dtype == "fp32" else "16bit"
+        default = launch.DEFAULTS[(name, cls)]
+        out += [(dtype, tuple(asdict(c).values()), c == default) for c in launch.CANDIDATES[(name, cls)]]
+    return out
+
+
+def variants(full: bool = False) -> list[Variant]:
+    out = []
+    for kernel, (_, _, _, flags) in KERNELS.items():
+        names = list(flags)
+        if full:
+            combos = list(itertools.product(*flags.values()))
+        else:
+            combos = list(dict.fromkeys([tuple(v[0] for v in flags.values()), tuple(v[-1] for v in flags.values())]))
+        for (dtype, config, default), arch in itertools.product(_configs(kernel), archs()):
+            for combo in combos if default else combos[:1]:
+                if kernel == "_dw_kernel" and not (dict(zip(names, combo))["COMPUTE_DW"]
+                                                   or dict(zip(names, combo))["COMPUTE_DB"]):
+                    continue      # the launcher never runs it for nothing
+                out.append(Variant(kernel, dtype, arch, tuple(zip(names, combo)), config, default))
+    return out
+
+
+def _signature(fn, v: Variant, pointers):
+    consts = dict(v.flags)
+    consts.update(stride_hd=1, stride_wd=1, DOT_PRECISION="ieee", UPCAST=False)
+    if v.config:
+        consts.update(BLOCK_N=v.config[0], BLOCK_V=v.config[1], BLOCK_D=v.config[2])
+    else:
+        consts.update(FIXED[v.kernel][0])
+    consts = {k: val for k, val in consts.items() if k in fn.arg_names}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts or i in fn.constexprs:
+            sig[name] = "constexpr"
+        elif name[0].isupper() and name not in SIZES:
+            sig[name] = DTYPES[v.dtype] if name in pointers else "*i32" if name == "Skipped" else \
+                "*i64" if name in ("Labels", "Rows") else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+            if name == "D" or name.startswith("stride_"):    # hidden sizes and row strides are multiples of 16
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def compile_variant(v: Variant) -> dict:
+    """Resource usage of one variant: {"regs", "stack", "spill_ops", "shared", "wgmma"} plus the variant."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, _, pointers, _ = KERNELS[v.kernel]
+    fn = getattr(importlib.import_module(f"{__package__}.{module}"), v.kernel)
+    sig, consts, attrs = _signature(fn, v, pointers)
+    warps, stages = (v.config[3], v.config[4]) if v.config else (FIXED[v.kernel][1], 1)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", v.arch, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
+    return {**asdict(v), "flags": dict(v.flags), "regs": field("REG"), "stack": field("STACK"),
+            "spill_ops": len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass)), "shared": compiled.metadata.shared,
+            "wgmma": "wgmma" in compiled.asm["ptx"]}
+
+
+def run(full: bool = False, workers: int = 2) -> list[dict]:
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(compile_variant, variants(full)))
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """Why rows fail the check: a default config that spills, or any config over the target's shared memory."""
+    out = []
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['flags']}"
+        if r["default"] and (r["stack"] or r["spill_ops"]):
+            out.append(f"{where}: {r['stack']} stack bytes, {r['spill_ops']} STL/LDL")
+        if r["shared"] > SMEM_LIMIT[r["arch"]]:
+            out.append(f"{where}: {r['shared']} B shared memory > {SMEM_LIMIT[r['arch']]}")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """Worst case over the flag combinations per kernel x dtype x target, at the default config."""
+    worst = {}
+    for r in rows:
+        if r["default"]:
+            key = (r["kernel"], r["dtype"], r["arch"])
+            w = worst.setdefault(key, {**r, "variants": 0})
+            w.update({k: max(w[k], r[k]) for k in ("regs", "stack", "spill_ops", "shared")},
+                     wgmma=w["wgmma"] or r["wgmma"], variants=w["variants"] + 1)
+    lines = ["| kernel | dtype | target | config (BN, BV, BD, warps, stages) | variants | registers | stack B "
+             "| STL/LDL | shared B | wgmma |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, dtype, arch), w in sorted(worst.items()):
+        lines.append(f"| `{kernel}` | {dtype} | sm_{arch} | {w['config'] or 'fixed'} | {w['variants']} | {w['regs']} "
+                     f"| {w['stack']} | {w['spill_ops']} | {w['shared']} | {'yes' if w['wgmma'] else 'no'} |")
+    alts = [r for r in rows if not r["default"]]
+    if alts:
+        lines += ["", f"Autotune candidates (all flags off): {len(alts)} compiled, "
+                  f"{sum(1 for r in alts if r['stack'])} spill."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every constexpr combination")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--md", help="write the markdown table here")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
+    rows = run(args.full, args.workers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
+    table = markdown(rows)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table)
+    print(table)
+    bad = problems(rows)
+    print("\n".join(bad) or f"{len(rows)} variants: no spills at the defaults, shared memory within limits")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
