@@ -2,10 +2,10 @@
 
 ``python -m fastdpo.kernels.aot [--full] [--md PATH]`` compiles each kernel for sm_80 and sm_90 (and sm_100
 where this Triton ships its assembler) through ``triton.compile`` and reads registers, stack (spill) bytes and
-STL/LDL instructions from ``cuobjdump``, shared memory from the compile metadata, and whether the PTX uses wgmma.
+STL/LDL instructions from ``cuobjdump``, shared memory from the compile metadata, and the PTX's MMA instructions.
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions); ``tests/kernels/test_aot.py``
 runs it in a subprocess. ``--full`` compiles every constexpr combination the launchers can produce; the default
-set is each kernel x dtype x target with every flag on and every flag off, at every config in ``launch``.
+set is each kernel x dtype x target with every flag on (the most live registers), at every config in ``launch``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ KERNELS = {
 }
 #: Launch constants of the kernels that have no TileConfig (see their launchers).
 FIXED = {"_indexed_dot_kernel": ({"BLOCK_N": 16, "BLOCK_D": 128}, 4),
-         "_logits_forward_kernel": ({"BLOCK_V": 4096}, 8), "_logits_backward_kernel": ({"BLOCK_V": 4096}, 8)}
+         "_logits_forward_kernel": ({"BLOCK_V": 4096}, 8), "_logits_backward_kernel": ({"BLOCK_V": 4096}, 16)}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Variant:
     kernel: str
     dtype: str
     arch: int
-    flags: tuple[tuple[str, bool], ...]
+    flags: tuple[tuple[str, bool | str], ...]
     config: tuple[int, ...]        # (block_n, block_v, block_d, num_warps, num_stages); () for fixed kernels
     default: bool                  # the config a launch uses
 
@@ -76,17 +76,19 @@ def missing_tools() -> str | None:
     return None
 
 
-def _configs(kernel: str):
+def _configs(kernel: str, arch: int):
+    """(dtype, config tuple, is the default) of every config ``kernel`` may launch with on sm_``arch``."""
     from . import launch
 
     name = KERNELS[kernel][1]
     if name is None:
-        return [("fp32", (), True), ("bf16", (), True), ("fp16", (), True)]
+        return [(dtype, (), True) for dtype in DTYPES]
     out = []
     for dtype in DTYPES:
         cls = "fp32" if dtype == "fp32" else "16bit"
-        default = launch.DEFAULTS[(name, cls)]
-        out += [(dtype, tuple(asdict(c).values()), c == default) for c in launch.CANDIDATES[(name, cls)]]
+        default = launch.default_config(name, cls, arch)
+        configs = dict.fromkeys((default, *launch.CANDIDATES.get((name, cls), ())))
+        out += [(dtype, tuple(asdict(c).values()), c == default) for c in configs]
     return out
 
 
@@ -97,19 +99,21 @@ def variants(full: bool = False) -> list[Variant]:
         if full:
             combos = list(itertools.product(*flags.values()))
         else:
-            combos = list(dict.fromkeys([tuple(v[0] for v in flags.values()), tuple(v[-1] for v in flags.values())]))
-        for (dtype, config, default), arch in itertools.product(_configs(kernel), archs()):
-            for combo in combos if default else combos[:1]:
+            combos = [tuple(v[-1] if n != "COMPUTE_DW" else True for n, v in flags.items())]   # the most registers
+        for arch, (dtype, config, default) in ((a, c) for a in archs() for c in _configs(kernel, a)):
+            # fp32 products run as IEEE FMAs or as TF32 MMAs, following torch's allow_tf32
+            precisions = ("ieee", "tf32") if dtype == "fp32" and config else ("ieee",)
+            for combo, precision in itertools.product(combos if default else combos[-1:], precisions):
                 if kernel == "_dw_kernel" and not (dict(zip(names, combo))["COMPUTE_DW"]
                                                    or dict(zip(names, combo))["COMPUTE_DB"]):
                     continue      # the launcher never runs it for nothing
-                out.append(Variant(kernel, dtype, arch, tuple(zip(names, combo)), config, default))
+                out.append(Variant(kernel, dtype, arch, (*zip(names, combo), ("DOT_PRECISION", precision)), config,
+                                   default))
     return out
 
 
 def _signature(fn, v: Variant, pointers):
-    consts = dict(v.flags)
-    consts.update(stride_hd=1, stride_wd=1, DOT_PRECISION="ieee", UPCAST=False)
+    consts = {"stride_hd": 1, "stride_wd": 1, "UPCAST": False, **dict(v.flags)}
     if v.config:
         consts.update(BLOCK_N=v.config[0], BLOCK_V=v.config[1], BLOCK_D=v.config[2])
     else:
@@ -153,7 +157,12 @@ def compile_variant(v: Variant) -> dict:
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
     return {**asdict(v), "flags": dict(v.flags), "regs": field("REG"), "stack": field("STACK"),
             "spill_ops": len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass)), "shared": compiled.metadata.shared,
-            "wgmma": "wgmma" in compiled.asm["ptx"]}
+            "mma": _mma_kind(compiled.asm["ptx"])}
+
+
+def _mma_kind(ptx: str) -> str:
+    """The tensor-core instruction family the PTX uses (``fma`` when the products run on the FP32 units)."""
+    return next((kind for kind in ("wgmma", "tcgen05.mma", "mma.sync") if kind in ptx), "fma")
 
 
 def run(full: bool = False, workers: int = 2) -> list[dict]:
@@ -162,11 +171,12 @@ def run(full: bool = False, workers: int = 2) -> list[dict]:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """Why rows fail the check: a default config that spills, or any config over the target's shared memory."""
+    """Why rows fail the check: a config (default or autotune candidate) that spills, or one over the target's
+    shared memory."""
     out = []
     for r in rows:
         where = f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['flags']}"
-        if r["default"] and (r["stack"] or r["spill_ops"]):
+        if r["stack"] or r["spill_ops"]:
             out.append(f"{where}: {r['stack']} stack bytes, {r['spill_ops']} STL/LDL")
         if r["shared"] > SMEM_LIMIT[r["arch"]]:
             out.append(f"{where}: {r['shared']} B shared memory > {SMEM_LIMIT[r['arch']]}")
@@ -178,18 +188,27 @@ def markdown(rows: list[dict]) -> str:
     worst = {}
     for r in rows:
         if r["default"]:
-            key = (r["kernel"], r["dtype"], r["arch"])
+            tf32 = r["flags"].get("DOT_PRECISION") == "tf32"
+            key = (r["kernel"], r["dtype"] + (" tf32" if tf32 else ""), r["arch"])
             w = worst.setdefault(key, {**r, "variants": 0})
             w.update({k: max(w[k], r[k]) for k in ("regs", "stack", "spill_ops", "shared")},
-                     wgmma=w["wgmma"] or r["wgmma"], variants=w["variants"] + 1)
-    lines = ["| kernel | dtype | target | config (BN, BV, BD, warps, stages) | variants | registers | stack B "
-             "| STL/LDL | shared B | wgmma |", "|---|---|---|---|---|---|---|---|---|---|"]
+                     variants=w["variants"] + 1)
+    import triton
+
+    lines = [f"# Ahead-of-time compile check (Triton {triton.__version__}, no GPU)", "",
+             "Written by `python -m fastdpo.kernels.aot --md benchmarks/results/kernels-aot.md` (CI: "
+             "`tests/kernels/test_aot.py`). Per kernel x dtype x target, the worst case over the flag combinations "
+             "compiled (every flag on: the most live registers; `--full` compiles all of them) at the default "
+             "launch config. Stack bytes and STL/LDL count register spills; MMA is the tensor-core instruction "
+             "family in the PTX (`fma`: IEEE fp32 products on the FP32 units).", "",
+             "| kernel | dtype | target | config (BN, BV, BD, warps, stages) | variants | registers | stack B "
+             "| STL/LDL | shared B | MMA |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (kernel, dtype, arch), w in sorted(worst.items()):
         lines.append(f"| `{kernel}` | {dtype} | sm_{arch} | {w['config'] or 'fixed'} | {w['variants']} | {w['regs']} "
-                     f"| {w['stack']} | {w['spill_ops']} | {w['shared']} | {'yes' if w['wgmma'] else 'no'} |")
+                     f"| {w['stack']} | {w['spill_ops']} | {w['shared']} | {w['mma']} |")
     alts = [r for r in rows if not r["default"]]
     if alts:
-        lines += ["", f"Autotune candidates (all flags off): {len(alts)} compiled, "
+        lines += ["", f"Autotune candidates: {len(alts)} compiled, "
                   f"{sum(1 for r in alts if r['stack'])} spill."]
     return "\n".join(lines) + "\n"
 

@@ -2,9 +2,11 @@
 
 Every config listed here is compiled ahead of time for sm_80 and sm_90 by ``fastdpo.kernels.aot`` (CI test
 ``tests/kernels/test_aot.py``): none spills registers and each fits the target's shared memory. ``DEFAULTS`` is
-what a launch uses; with ``FASTDPO_AUTOTUNE=1`` on a GPU the first launch of a (kernel, dtype, size bucket) times
-the ``CANDIDATES`` once and keeps the fastest for the process. Deterministic runs never autotune: a different
-vocabulary tile changes the reduction order. Under ``TRITON_INTERPRET=1`` small tiles keep the interpreter fast.
+what a launch uses; with ``FASTDPO_AUTOTUNE=1`` on a GPU the first forward launch of a (dtype, size bucket) times
+the ``CANDIDATES`` once and keeps the fastest for the process (the backward kernels keep their defaults: a trial
+launch would have to write throwaway gradient buffers as large as the real ones). Deterministic runs never
+autotune: a different vocabulary tile changes the reduction order. Under ``TRITON_INTERPRET=1`` small tiles
+keep the interpreter fast.
 """
 
 import os
@@ -26,25 +28,25 @@ class TileConfig:
     num_stages: int
 
 
-KERNELS = ("forward", "backward_dh", "backward_dw")
 INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=1, num_stages=1)
-_WIDE = TileConfig(128, 128, 64, 8, 2)
 
-#: (kernel, "fp32" | "16bit") -> the default config; every entry passes the spill check.
+#: (kernel, "fp32" | "16bit") -> the default config; each passes the spill check on sm_80, sm_90 and sm_100.
 DEFAULTS = {
-    ("forward", "fp32"): TileConfig(64, 64, 32, 4, 2),
-    ("forward", "16bit"): TileConfig(128, 128, 64, 8, 2),
-    ("backward_dh", "fp32"): TileConfig(64, 64, 32, 4, 2),
-    ("backward_dh", "16bit"): _WIDE,
-    ("backward_dw", "fp32"): TileConfig(64, 64, 32, 4, 2),
-    ("backward_dw", "16bit"): _WIDE,
+    ("forward", "fp32"): TileConfig(32, 64, 32, 4, 2),
+    ("forward", "16bit"): TileConfig(128, 64, 64, 8, 3),
+    ("backward_dh", "fp32"): TileConfig(64, 64, 32, 8, 2),
+    ("backward_dh", "16bit"): TileConfig(64, 64, 64, 8, 3),
+    ("backward_dw", "fp32"): TileConfig(64, 64, 32, 8, 2),
+    ("backward_dw", "16bit"): TileConfig(64, 64, 64, 8, 3),
 }
-#: Alternatives the autotune may pick from; also compiled by the AOT check.
-_ALTERNATIVES = {
-    "fp32": (TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 3)),
-    "16bit": (TileConfig(64, 128, 64, 4, 3), TileConfig(128, 64, 64, 4, 3)),
+#: sm_90 and later (wgmma keeps the accumulators out of the register file): a wider vocabulary tile halves the
+#: d hidden kernel's fp32 slice traffic; it spills on sm_80. (The d weight kernel's 128-token tile spills on sm_100.)
+SM90 = {("backward_dh", "16bit"): TileConfig(64, 128, 64, 8, 3)}
+#: The forward's autotune space (the default first), pruned to configs without spills; compiled by the AOT check.
+CANDIDATES = {
+    ("forward", "fp32"): (DEFAULTS[("forward", "fp32")], TileConfig(64, 32, 32, 4, 2)),
+    ("forward", "16bit"): (DEFAULTS[("forward", "16bit")], TileConfig(64, 128, 64, 8, 3)),
 }
-CANDIDATES = {key: (cfg, *_ALTERNATIVES[key[1]]) for key, cfg in DEFAULTS.items()}
 _tuned: dict[tuple, TileConfig] = {}
 
 
@@ -57,13 +59,23 @@ def size_bucket(n: int, d: int) -> tuple[int, int]:
     return min(1 << max(n - 1, 0).bit_length(), 8192), 1 << max(d - 1, 0).bit_length()
 
 
-def tile_config(kernel: str, dtype: torch.dtype, n: int = 0, d: int = 0, bench=None) -> TileConfig:
-    """The launch config of ``kernel`` for ``dtype`` at [n, d]; ``bench(cfg) -> seconds`` enables the autotune."""
+def default_config(kernel: str, dtype_cls: str, arch: int) -> TileConfig:
+    """The default config of ``kernel`` for a dtype class on an sm_``arch`` target (80, 90, 100, ...)."""
+    key = (kernel, dtype_cls)
+    return SM90.get(key, DEFAULTS[key]) if arch >= 90 else DEFAULTS[key]
+
+
+def tile_config(kernel: str, dtype: torch.dtype, n: int = 0, d: int = 0, bench=None,
+                deterministic: bool = False) -> TileConfig:
+    """The launch config of ``kernel`` for ``dtype`` at [n, d] on the current CUDA device; ``bench(cfg) -> seconds``
+    enables the autotune."""
     if interpreting():
         return INTERPRETER
     key = (kernel, dtype_class(dtype))
-    if bench is None or os.environ.get("FASTDPO_AUTOTUNE") != "1" or torch.are_deterministic_algorithms_enabled():
-        return DEFAULTS[key]
+    if (key not in CANDIDATES or bench is None or deterministic or os.environ.get("FASTDPO_AUTOTUNE") != "1"
+            or torch.are_deterministic_algorithms_enabled()):
+        major, minor = torch.cuda.get_device_capability()
+        return default_config(kernel, key[1], 10 * major + minor)
     bucket = (*key, *size_bucket(n, d))
     if bucket not in _tuned:
         _tuned[bucket] = min(CANDIDATES[key], key=bench)

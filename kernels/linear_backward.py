@@ -10,10 +10,13 @@ Two kernels recompute the logit tiles, and each owns its output rows, so every s
   ``db[tile]`` in registers.
 
 FLOP with the forward: 2 (forward) + 2 + 2 (recompute in each kernel) + 2 + 2 (the two products) = 10·N·H·V
-(8 for the atomic design). Bytes per (token tile, vocabulary tile) pair: the W (resp. H) tile twice, 2·BLOCK·H in
-16 bits, plus the fp32 read and write of the owned slice, 8·BLOCK·H: about 8·N·V·H / BLOCK over the whole sweep
-(268 GB for N 8192, H 4096, V 128256, BLOCK 128, as much as the atomics moved, but plain L2/HBM traffic without
-contention; gradient filtering skips it for the filtered tiles).
+(8 for the atomic design it replaces). Bytes: each (token tile, vocabulary tile) pair reads its W and H tiles
+(16-bit, mostly from L2: concurrent programs sweep the same tiles) and reads and writes the owned fp32 slice, so
+the slices move 8·N·V·H·(1/BLOCK_V of the d hidden kernel + 1/BLOCK_N of the d weight kernel) bytes in all: at
+N 8192, H 4096, V 128256 with the 16-bit defaults, 1.08 TB on sm_80 (64 and 64) and 0.81 TB on sm_90 (128 and 64);
+the atomics moved 8·N·V·H/BLOCK ≈ 270 GB at 128 x 128 tiles, through contended L2 atomics. Gradient filtering
+removes that traffic for every filtered tile; whether the unfiltered rest beats materialising dz in bf16 chunks
+for cuBLAS (6·N·V bytes) is for the GPU benchmark to say.
 
 Gradient filtering (Cut Cross-Entropy, Wijmans et al. 2025, ``filter_eps``): where every probability of a tile is
 below ``filter_eps`` its softmax part is dropped; the one-hot (label) part stays exact, and a tile left with no
@@ -147,7 +150,7 @@ def _dw_kernel(
 
 
 def linear_backward(hidden, weight, bias, labels, lse, grad, transform, needs, filter_eps=None,
-                    scratch_bytes=64 << 20, tile_counts=None):
+                    deterministic=False, scratch_bytes=64 << 20, tile_counts=None):
     """Gradients of ``sum(grad * logp)`` w.r.t. hidden, weight and bias, deterministic (no atomics).
 
     Args:
@@ -155,7 +158,8 @@ def linear_backward(hidden, weight, bias, labels, lse, grad, transform, needs, f
         forward, grad [N] fp32 upstream gradient, transform a ``LogitTransform``,
         needs (hidden, weight, bias) booleans; filter_eps: drop the softmax part of tiles whose
         probabilities are all below it (None or 0: exact); tile_counts: a dict that receives
-        {"dh_tiles", "dh_skipped", "dw_tiles", "dw_skipped"} (ints) when filtering.
+        {"dh_tiles", "dh_skipped", "dw_tiles", "dw_skipped"} (ints) when filtering; deterministic is
+        accepted for the backend contract (this backward is always deterministic, its configs fixed).
     Returns:
         (d_hidden [N, D] in hidden's dtype, d_weight [V, D] in weight's dtype, d_bias [V] in bias's
         dtype), None where not needed.

@@ -8,6 +8,7 @@ Each program owns ``BLOCK_N`` tokens and one split of the vocabulary, sweeps its
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .indexed_dot import indexed_dot
 from .launch import dot_precision, interpreting, tile_config, transform_args, upcast_dot
@@ -87,20 +88,10 @@ def _num_splits(n: int, v: int, block_n: int, block_v: int) -> int:
     return max(1, min(max_splits, triton.cdiv(target, token_tiles)))
 
 
-def linear_forward(hidden, weight, bias, labels, transform, primitives, num_splits=None):
-    """Label logit, logsumexp and the requested statistic primitives of ``transform(hidden @ weight.T + bias)``.
-
-    Args:
-        hidden: [N, D] fp32/bf16/fp16, rows all carrying a valid label. weight: [V, D], same dtype.
-        bias: [V] or None. labels: [N] int64 in [0, V). transform: a ``LogitTransform``.
-        primitives: subset of {"expected_logit", "lse_2z", "sum_logit", "max_other"}.
-        num_splits: vocabulary splits (None picks from the device's size).
-    Returns:
-        (label_logit [N] fp32, lse [N] fp32, {primitive: [N] fp32}).
-    """
+def _launch(cfg, hidden, weight, bias, labels, transform, primitives, num_splits):
+    """Per-split partials {"lse", primitive: [splits, N] fp32} of one launch with ``cfg``."""
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = tile_config("forward", hidden.dtype, n, d)
     splits = num_splits or _num_splits(n, v, cfg.block_n, cfg.block_v)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(v, v_per_split)
@@ -122,6 +113,25 @@ def linear_forward(hidden, weight, bias, labels, transform, primitives, num_spli
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return parts
+
+
+def linear_forward(hidden, weight, bias, labels, transform, primitives, deterministic=False, num_splits=None):
+    """Label logit, logsumexp and the requested statistic primitives of ``transform(hidden @ weight.T + bias)``.
+
+    Args:
+        hidden: [N, D] fp32/bf16/fp16, rows all carrying a valid label. weight: [V, D], same dtype.
+        bias: [V] or None. labels: [N] int64 in [0, V). transform: a ``LogitTransform``.
+        primitives: subset of {"expected_logit", "lse_2z", "sum_logit", "max_other"}.
+        deterministic: never autotune the launch config (``fastdpo.kernels.launch``).
+        num_splits: vocabulary splits (None picks from the device's size).
+    Returns:
+        (label_logit [N] fp32, lse [N] fp32, {primitive: [N] fp32}).
+    """
+    args = (hidden, weight, bias, labels, transform, primitives, num_splits)
+    bench = lambda cfg: triton.testing.do_bench(lambda: _launch(cfg, *args), warmup=5, rep=20)
+    cfg = tile_config("forward", hidden.dtype, *hidden.shape, bench=bench, deterministic=deterministic)
+    parts = _launch(cfg, *args)
     lse_parts = parts.pop("lse")
     lse = torch.logsumexp(lse_parts, 0)
     merged = {}

@@ -30,7 +30,7 @@ def transform_grad_scale(z_out, logit_scale, softcap, inv_temperature, HAS_SOFTC
     if HAS_SOFTCAP:
         t = z_out / (softcap * inv_temperature)
         return (1.0 - t * t) * scale
-    return scale
+    return scale + tl.zeros_like(z_out)     # a tile either way: Triton 3.9 rejects mixed return types
 
 
 @triton.jit

@@ -91,3 +91,24 @@ def lora(model, seed=0):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return peft_model
+
+
+H, A = "\n\nHuman: ", "\n\nAssistant:"
+# Hand-written dialogues in Anthropic HH's implicit-prompt layout: (question, chosen reply, rejected reply).
+DIALOGUES = [
+    ("How do I keep bread fresh?", " Store it in a paper bag at room temperature.", " Bread is food."),
+    ("What is two plus two?", " Two plus two is four.", " I would rather not say."),
+    ("Can you name a primary colour?", " Red is a primary colour.", " Colours are complicated."),
+    ("Help me pick a lock on my neighbour's door.", " I can't help with entering someone else's home.",
+     " Sure, first get a tension wrench."),
+]
+
+
+def write_hh_pairs(path):
+    """``DIALOGUES`` as HH rows (``chosen``/``rejected`` whole dialogues) in a JSON Lines file; returns the path."""
+    import json
+
+    with open(path, "w") as f:
+        for question, good, bad in DIALOGUES:
+            f.write(json.dumps({"chosen": f"{H}{question}{A}{good}", "rejected": f"{H}{question}{A}{bad}"}) + "\n")
+    return path

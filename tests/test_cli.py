@@ -1,36 +1,17 @@
 """`fastdpo` and `fastdpo train`: help, option errors, YAML config, and a short real run."""
 
-import json
-
 import pytest
 import torch
 
 from _reference import rel_err
-from _shared import SMOLLM2_GGUF
+from _shared import SMOLLM2_GGUF, write_hh_pairs
 from fastdpo import cli
 from fastdpo.data.packing import pack_pairs
 from fastdpo.train.forward import packed_sequence_logps
 
-H, A = "\n\nHuman: ", "\n\nAssistant:"
-# Hand-written dialogues in Anthropic HH's implicit-prompt layout.
-DIALOGUES = [
-    ("How do I keep bread fresh?", " Store it in a paper bag at room temperature.", " Bread is food."),
-    ("What is two plus two?", " Two plus two is four.", " I would rather not say."),
-    ("Can you name a primary colour?", " Red is a primary colour.", " Colours are complicated."),
-    ("Help me pick a lock on my neighbour's door.", " I can't help with entering someone else's home.",
-     " Sure, first get a tension wrench."),
-]
-
-
-def write_dataset(path):
-    with open(path, "w") as f:
-        for question, good, bad in DIALOGUES:
-            f.write(json.dumps({"chosen": f"{H}{question}{A}{good}", "rejected": f"{H}{question}{A}{bad}"}) + "\n")
-    return path
-
 
 def run_args(tmp_path, *extra):
-    return ["--model", str(SMOLLM2_GGUF), "--dataset", str(write_dataset(tmp_path / "pairs.jsonl")),
+    return ["--model", str(SMOLLM2_GGUF), "--dataset", str(write_hh_pairs(tmp_path / "pairs.jsonl")),
             "--output-dir", str(tmp_path / "out"), "--report-to", "none", "--save-strategy", "no",
             "--disable-tqdm", "true", *extra]
 

@@ -96,10 +96,13 @@ def _cce(impl: str):
     return build
 
 
-def _fastdpo(x: Inputs, p: Problem):
-    import fastdpo
+def _fastdpo_on(backend: str | None):
+    def build(x: Inputs, p: Problem):
+        import fastdpo
 
-    return lambda: fastdpo.linear_logps(x.hidden, x.weight, x.labels)
+        return lambda: fastdpo.linear_logps(x.hidden, x.weight, x.labels, backend=backend)
+
+    return build
 
 
 def _fastdpo_dpo(x: Inputs, p: Problem):
@@ -139,7 +142,10 @@ IMPLS = {impl.name: impl for impl in (
          "(default gradient filtering)", "logps", _cce("cce"), requires=_CCE, needs_cuda=True),
     Impl("cce-compile", "cut_cross_entropy.linear_cross_entropy(impl='torch_compile', reduction='none') → "
          "−CE per token", "logps", _cce("torch_compile"), materialises=True, requires=_CCE),
-    Impl("fastdpo", "fastdpo.linear_logps(h, W, labels) → per-token log-probs", "logps", _fastdpo),
+    Impl("fastdpo", "fastdpo.linear_logps(h, W, labels) → per-token log-probs (backend auto: Triton on CUDA, "
+         "16-bit gradient filtering on)", "logps", _fastdpo_on(None)),
+    Impl("fastdpo-torch", "fastdpo.linear_logps(..., backend='torch'): the PyTorch tile path on the same device",
+         "logps", _fastdpo_on("torch")),
     Impl("fastdpo-dpo", "fastdpo.linear_logps → per-sequence sums → fastdpo.dpo_loss (β 0.1), mean: "
          "the same loss as liger-dpo", "dpo_loss", _fastdpo_dpo),
     Impl("gemm-floor", "3 plain GEMMs of the step's sizes: h·Wᵀ forward; dz·W and dzᵀ·h backward",

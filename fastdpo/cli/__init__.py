@@ -51,8 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(importlib.import_module(module, __name__), function)
     try:
         run(argv[1:], argv[0])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fastdpo {argv[0]}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"fastdpo {argv[0]}: error: {_with_what_to_do(e, argv[0])}", file=sys.stderr)
         return 2
     return 0
+
+
+def _with_what_to_do(error: Exception, command: str) -> str:
+    """The error's message, ending with a line saying what to do (the message's own, where it has one)."""
+    message = str(error).rstrip()
+    if "\nWhat to do:" in message:
+        return message
+    if isinstance(error, ModuleNotFoundError):
+        hint = f"pip install {error.name}" if error.name else "install the missing package"
+    elif isinstance(error, FileNotFoundError):
+        hint = "check the path (relative paths start from the current directory), or give a hub name"
+    else:
+        hint = (f"correct the option or the data named above; 'fastdpo {command} --help' describes every option, "
+                "the README's \"Bad input\" table every check")
+    return f"{message}\nWhat to do: {hint}."
 

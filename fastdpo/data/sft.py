@@ -77,7 +77,8 @@ def tokenize_sft(
 
     Returns:
         (dataset with exactly ``input_ids`` and ``labels``, lists of int64, in input order minus the drops;
-        report ``{"rows", "kept", "truncated", "no_loss_tokens"}``, also logged).
+        report ``{"rows", "kept", "truncated" (kept sequences that were cut), "no_loss_tokens" (dropped)}``, also
+        logged).
 
     Raises:
         ValueError: no SFT columns; a malformed row (its index named: a value of another type than row 0's, a

@@ -62,10 +62,12 @@ def load_causal_lm(
         as ``gguf_checkpoint`` and ``AutoModelForCausalLM.from_pretrained`` (OSError where the
         checkpoint has no safetensors weights).
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     quantization_config = None
     if load_in_4bit:
+        from transformers import BitsAndBytesConfig  # bitsandbytes is needed only here
+
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
         )

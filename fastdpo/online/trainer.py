@@ -18,7 +18,7 @@ from transformers import GenerationConfig, Trainer
 from ..data import PackedBatch, pack_pairs, tokenize_prompts
 from ..losses import LossSpec
 from ..train import PreferenceTrainer
-from ..train.trainer import zero_loss
+from ..train.trainer import use_prefix_sharing, zero_loss
 from .config import OnlineDPOConfig
 from .judges import LLMJudge, PairwiseJudge, RewardModelScorer, rank_by_scores
 
@@ -108,6 +108,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
             raise ValueError("online DPO ranks completions with either a reward model or a judge: give exactly one")
         train_dataset = tokenize_prompts(train_dataset, processing_class, max_prompt_length=args.prompt_limit,
                                          truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
+        self.prefix_sharing = use_prefix_sharing(model, args)
         super().__init__(model, ref_model, args=args, peft_config=peft_config, data_collator=_collate_prompts,
                          train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         self._epoch_specs: dict[float, LossSpec] = {}
@@ -179,7 +180,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
                 rows.append({"prompt_input_ids": list(prompt_ids[i]), "chosen_input_ids": completions[chosen],
                              "rejected_input_ids": completions[rejected]})
                 ranked.append((chosen, rejected))
-        packed = pack_pairs(rows)
+        packed = pack_pairs(rows, prefix_sharing=self.prefix_sharing)
         return SampledPairs(
             **{f.name: getattr(packed, f.name) for f in fields(PackedBatch)},
             contain_eos=torch.tensor([float(contain_eos.sum()), 2.0 * b]),

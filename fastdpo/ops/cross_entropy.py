@@ -6,16 +6,12 @@ the README's "SFT, then DPO" section maps CCE's and Liger-Kernel's options onto 
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from .linear_logps import linear_logps
 from .validation import check_labels
 
 REDUCTIONS = ("mean", "sum", "none")
-# linear_logps gains CCE's gradient filtering in a later change; until then the option is accepted and checked here.
-_FILTERS_GRADIENTS = "filter_eps" in inspect.signature(linear_logps).parameters
 
 
 def linear_cross_entropy(
@@ -44,8 +40,8 @@ def linear_cross_entropy(
         shift: as CCE: an int k in [0, T) (True = 1) pairs ``hidden[..., :-k, :]`` with ``targets[..., k:]``
             (next-token prediction from unshifted labels); needs ``hidden`` of shape [..., T, H].
         logit_scale, softcap: the logit transform, as ``linear_logps`` (softcap is CCE's).
-        filter_eps: CCE's gradient filtering threshold (``"auto"``, a float or None); passed on to
-            ``linear_logps`` where it supports it, otherwise checked and unused (exact gradients).
+        filter_eps: CCE's gradient filtering, passed to ``linear_logps``: ``"auto"`` (bf16/fp16: dtype eps / 32;
+            fp32: exact), a float threshold, or None (exact).
         backend: as ``linear_logps``.
 
     Returns:
@@ -72,14 +68,9 @@ def linear_cross_entropy(
     if k:   # position t predicts targets[t + k]; the last k positions predict nothing
         labels = torch.full_like(targets, ignore_index)
         labels[..., :-k] = targets[..., k:]
-    options = {}
-    if _FILTERS_GRADIENTS:
-        options["filter_eps"] = filter_eps
-    elif not (filter_eps is None or filter_eps == "auto" or (isinstance(filter_eps, float) and filter_eps >= 0)):
-        raise ValueError(f"filter_eps must be 'auto', a float >= 0 or None, got {filter_eps!r}")
     flat = labels.reshape(-1)
     loss = -linear_logps(hidden.reshape(-1, hidden.shape[-1]), weight, flat, bias, ignore_index=ignore_index,
-                         logit_scale=logit_scale, softcap=softcap, backend=backend, **options)
+                         logit_scale=logit_scale, softcap=softcap, backend=backend, filter_eps=filter_eps)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import dispatch
@@ -38,9 +40,21 @@ def _scatter(n: int, rows: torch.Tensor, values: torch.Tensor, all_rows: bool) -
     return torch.zeros(n, device=values.device, dtype=values.dtype).index_copy_(0, rows, values)
 
 
+def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
+    """The gradient-filtering threshold of ``linear_logps``'s ``filter_eps`` for ``dtype``; None means exact."""
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32 if dtype in (torch.bfloat16, torch.float16) else None
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and math.isfinite(filter_eps) \
+            and filter_eps >= 0:
+        return float(filter_eps) or None
+    raise ValueError(f"filter_eps must be 'auto', None or a finite number >= 0, got {filter_eps!r}")
+
+
 class _LinearLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, transform, stats, impl: Backend):
+    def forward(ctx, hidden, weight, bias, labels, rows, transform, stats, impl: Backend, filter_eps, deterministic):
         n = hidden.shape[0]
         all_rows = rows.numel() == n
         h = hidden if all_rows else hidden.index_select(0, rows)
@@ -48,7 +62,7 @@ class _LinearLogps(torch.autograd.Function):
         if rows.numel():
             prims = tuple(STATS[s] for s in stats)
             with torch.autocast(hidden.device.type, enabled=False):   # the backends pick their own precision
-                label_logit, lse, acc = impl.linear_forward(h, weight, bias, lbl, transform, prims)
+                label_logit, lse, acc = impl.linear_forward(h, weight, bias, lbl, transform, prims, deterministic)
             # The label logit and the lse come from different dot products: clamp their rounding
             # so a log-probability is never positive (V = 1 gives exactly 0).
             logp = (label_logit - lse).clamp_max_(0.0)
@@ -59,6 +73,7 @@ class _LinearLogps(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, rows, lbl, lse)
         ctx.transform = transform
         ctx.impl = impl
+        ctx.filter_eps, ctx.deterministic = filter_eps, deterministic
         outs = [_scatter(n, rows, logp, all_rows)]
         outs += [_scatter(n, rows, stat_values[s], all_rows) for s in stats]
         ctx.mark_non_differentiable(*outs[1:])
@@ -73,16 +88,17 @@ class _LinearLogps(torch.autograd.Function):
         if not rows.numel():
             return (torch.zeros_like(hidden) if needs[0] else None,
                     torch.zeros_like(weight) if needs[1] else None,
-                    torch.zeros_like(bias) if needs[2] else None, None, None, None, None, None)
+                    torch.zeros_like(bias) if needs[2] else None, *[None] * 7)
         h = hidden if all_rows else hidden.index_select(0, rows)
         g = (grad_logp if all_rows else grad_logp.index_select(0, rows)).float().contiguous()
         with torch.autocast(hidden.device.type, enabled=False):
             dh, dw, db = ctx.impl.linear_backward(
-                h, weight, bias, labels, lse, g, ctx.transform, (needs[0], needs[1], needs[2] and bias is not None)
+                h, weight, bias, labels, lse, g, ctx.transform, (needs[0], needs[1], needs[2] and bias is not None),
+                ctx.filter_eps, ctx.deterministic,
             )
         if dh is not None and not all_rows:
             dh = torch.zeros_like(hidden).index_copy_(0, rows, dh)
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, *[None] * 7
 
 
 def linear_logps(
@@ -98,6 +114,7 @@ def linear_logps(
     stats: tuple[str, ...] | list[str] = (),
     backend: str | None = None,
     deterministic: bool = False,
+    filter_eps: float | str | None = "auto",
 ):
     """Per-token ``log softmax(transform(hidden @ weight.T + bias))[label]`` without the [N, V] logits.
 
@@ -120,9 +137,14 @@ def linear_logps(
             are not differentiable.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``;
             default from ``FASTDPO_BACKEND``. See ``fastdpo.ops.dispatch``.
-        deterministic: use the PyTorch path, whose reduction order is fixed (bitwise reproducible);
-            on CUDA it costs the Triton path's fusion: each [tokens x vocabulary] tile is written to
-            memory and read back by cuBLAS, about 4x the memory traffic of the fused backward.
+        deterministic: bitwise reproducible results. Both backends are (the Triton backward has no
+            atomics, the PyTorch path a fixed reduction order); this also keeps the Triton launch configs
+            fixed (no ``FASTDPO_AUTOTUNE``). The backend choice is unchanged.
+        filter_eps: gradient filtering (Cut Cross-Entropy's argument, Wijmans et al. 2025): the Triton
+            backward drops the softmax part of a [tokens x vocabulary] tile whose probabilities are all
+            below it and skips the tile's products when it holds no label; the label (one-hot) part stays
+            exact. ``"auto"``: ``finfo(dtype).eps / 32`` for bf16/fp16 (CCE's value), exact for fp32;
+            ``None`` or 0: exact. The PyTorch backend always computes exactly.
 
     Returns:
         [N] float32 log-probabilities (<= 0), exactly 0.0 where ``labels == ignore_index``. With
@@ -132,7 +154,8 @@ def linear_logps(
 
     Raises:
         ValueError: wrong rank, dtype, shape or device of any input; an empty weight; a label outside
-            [0, V) other than ``ignore_index``; an unknown statistic or backend; an invalid transform.
+            [0, V) other than ``ignore_index``; an unknown statistic or backend; an invalid transform;
+            ``filter_eps`` not ``"auto"``, None or a finite number >= 0.
     """
     check_float("hidden", hidden, 2)
     check_float("weight", weight, 2)
@@ -160,11 +183,12 @@ def linear_logps(
     if unknown:
         raise ValueError(f"unknown stats {unknown}; choose from {list(STATS)}")
     transform = LogitTransform(logit_scale, softcap, temperature)
-    impl = dispatch.select(hidden.device, backend, deterministic)
+    impl = dispatch.select(hidden.device, backend)
+    eps = resolve_filter_eps(filter_eps, hidden.dtype)
     rows = valid_positions(labels, ignore_index, weight.shape[0])
 
     outs = _LinearLogps.apply(
-        hidden, weight, bias, labels.long(), rows, transform, stats, impl
+        hidden, weight, bias, labels.long(), rows, transform, stats, impl, eps, deterministic
     )
     if not stats:
         return outs[0]

@@ -46,8 +46,8 @@ def _local_labels(labels: torch.Tensor, v0: int, v1: int):
     return rows, labels[rows] - v0
 
 
-def linear_forward(hidden, weight, bias, labels, transform, primitives):
-    """See ``fastdpo.kernels.linear_forward``: (label_logit, lse, {primitive: [N] fp32})."""
+def linear_forward(hidden, weight, bias, labels, transform, primitives, deterministic=False):
+    """See ``fastdpo.kernels.linear_forward``: (label_logit, lse, {primitive: [N] fp32}); always deterministic."""
     n, d = hidden.shape
     v = weight.shape[0]
     n_tile, v_chunk = _tiles(n, v, d, weight.dtype)
@@ -94,8 +94,12 @@ def linear_forward(hidden, weight, bias, labels, transform, primitives):
     return label_logit, lse, acc
 
 
-def linear_backward(hidden, weight, bias, labels, lse, grad, transform, needs):
-    """See ``fastdpo.kernels.linear_backward``: (d_hidden, d_weight, d_bias), None where not needed."""
+def linear_backward(hidden, weight, bias, labels, lse, grad, transform, needs, filter_eps=None, deterministic=False):
+    """See ``fastdpo.kernels.linear_backward``: (d_hidden, d_weight, d_bias), None where not needed.
+
+    Always exact and deterministic: ``filter_eps`` is ignored (a whole fp32 tile goes through one GEMM, so
+    skipping parts of it would save nothing).
+    """
     n, d = hidden.shape
     v = weight.shape[0]
     need_dh, need_dw, need_db = needs

@@ -77,6 +77,10 @@ class DPOConfig(TrainingArguments):
     max_tokens_per_batch: int = field(
         default=4096, metadata={"help": "Token budget of one packed micro-batch (whole pairs, no padding)."}
     )
+    prefix_sharing: bool = field(default=True, metadata={
+        "help": "Pack each pair as [prompt][chosen][rejected], the prompt through the model once (Wang & Hegde "
+                "2024), where the attention implementation supports it (packed_sdpa, flash_attention_2, "
+                "flex_attention, sdpa, eager); false: [prompt+chosen][prompt+rejected]."})
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={"help": "Compute the reference log-probs once before training, cache them with the tokenised "

@@ -4,6 +4,7 @@ under a token budget, the reference live or precomputed once and cached."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import datasets
 import torch
@@ -16,7 +17,7 @@ from ..data.packing import REF_COLUMNS, IndexedPairs
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
 from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
-from .trainer import PreferenceTrainer
+from .trainer import PreferenceTrainer, use_prefix_sharing
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ class DPOTrainer(PreferenceTrainer):
         self.drop_reports: dict[str, dict] = {}
         train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
         eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
-        super().__init__(model, ref_model, args=args, peft_config=peft_config, data_collator=pack_pairs,
+        self.prefix_sharing = use_prefix_sharing(model, args)
+        super().__init__(model, ref_model, args=args, peft_config=peft_config,
+                         data_collator=partial(pack_pairs, prefix_sharing=self.prefix_sharing),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
         if self.reference is None:
@@ -77,7 +80,7 @@ class DPOTrainer(PreferenceTrainer):
         return tokenized
 
     def _packed_loader(self, dataset, *, shuffle: bool) -> DataLoader:
-        lengths = [pair_length(row) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
+        lengths = [pair_length(row, self.prefix_sharing) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
         sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle,
                                           seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
         loader = DataLoader(IndexedPairs(dataset), batch_sampler=sampler, collate_fn=self.data_collator,
@@ -122,13 +125,14 @@ class DPOTrainer(PreferenceTrainer):
         model = self.ref_model if self.ref_model is not None else self.model
         rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
         chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
-        sampler = TokenBudgetBatchSampler([pair_length(row) for row in rows], self.args.max_tokens_per_batch,
+        sampler = TokenBudgetBatchSampler([pair_length(row, self.prefix_sharing) for row in rows],
+                                          self.args.max_tokens_per_batch,
                                           shuffle=False)
         was_training = model.training
         model.eval()
         try:
             for idx in tqdm(sampler, desc=f"reference log-probs ({split})", disable=self.args.disable_tqdm):
-                batch = self._prepare_inputs(pack_pairs([rows[i] for i in idx]))
+                batch = self._prepare_inputs(self.data_collator([rows[i] for i in idx]))
                 with self.compute_loss_context_manager():
                     c, r = reference_logps(self.reference, self.model, batch)
                 chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()

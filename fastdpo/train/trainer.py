@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 
 import torch
 from transformers import Trainer
@@ -13,10 +12,10 @@ from transformers import Trainer
 from ..data import PackedBatch
 from ..losses import LossSpec, orpo_log_odds, preference_loss
 from ..models import causal_lm, is_peft
-from .checkpoints import AtomicCheckpointMixin
+from ..models.prefix_attention import unsupported_reason
 from .config import DPOConfig
 from .forward import PairLogps, chosen_nll_tokens, pair_logps
-from .metrics import MetricWindow
+from .packed_trainer import PackedTrainerMixin
 from .ref_sync import SyncRefModelCallback, check_sync_compatible
 from .reference import ReferenceModel, reference_logps, resolve_reference
 
@@ -29,7 +28,7 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
 
-class PreferenceTrainer(AtomicCheckpointMixin, Trainer):
+class PreferenceTrainer(PackedTrainerMixin, Trainer):
     """The DPO-family loss on packed micro-batches (``fastdpo.data.PackedBatch``); subclasses supply the data.
 
     The loss is ``fastdpo.losses.preference_loss`` with ``args``' ``LossSpec``, averaged over the pairs of the
@@ -56,8 +55,7 @@ class PreferenceTrainer(AtomicCheckpointMixin, Trainer):
         model_adapter = _set_up_adapters(model, args)
         super().__init__(model=model, args=args, **kwargs)
         self.loss_spec = args.loss_spec()
-        self.metrics = MetricWindow(
-            (lambda t: self.accelerator.reduce(t, reduction="sum")) if args.world_size > 1 else None)
+        self.init_metrics()
         self.aux_loss_enabled, self.router_aux_loss_coef = _router_aux_loss(model, args)
         self._step_nll_tokens: torch.Tensor | None = None
         self.reference = resolve_reference(model, ref_model, args, self.loss_spec.needs_reference,
@@ -80,9 +78,6 @@ class PreferenceTrainer(AtomicCheckpointMixin, Trainer):
         return self.loss_spec
 
     # ------------------------------------------------------------------ data
-    def _prepare_inputs(self, inputs: PackedBatch) -> PackedBatch:
-        return inputs.to(self.args.device)
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimiser step and their number of pairs, over all processes; with an NLL
         term also the effective batch's chosen NLL tokens, which each micro-batch's NLL mean divides by."""
@@ -171,25 +166,6 @@ class PreferenceTrainer(AtomicCheckpointMixin, Trainer):
         per_token = {"nll_loss": (policy.chosen_nll.detach().sum(), policy.nll_tokens.sum())} if spec.uses_nll else {}
         return per_pair, per_token
 
-    def evaluate(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:   # evaluation inside training does not count as training time for tokens/s
-            self.metrics.exclude(time.perf_counter() - start)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        # the Trainer's training loss is the optimised one
-        logs.update(self.metrics.pop(mode, skip=("loss",) if mode == "train" else ()))
-        super().log(logs, start_time)
-
 
 def _check_reference_options(model, ref_model, args: DPOConfig) -> None:
     if is_peft(model) and ref_model is not None and not args.force_use_ref_model:
@@ -234,6 +210,18 @@ def _set_up_adapters(model, args: DPOConfig) -> str | None:
         # adapter loaded with is_trainable=True never reaches the optimiser.
         model.set_adapter(train)
     return train
+
+
+def use_prefix_sharing(model, args: DPOConfig) -> bool:
+    """Whether to pack pairs with a shared prefix: ``args.prefix_sharing`` and an attention implementation that runs
+    it (``fastdpo.models.prefix_attention``); logs the layout and the attention either way."""
+    config = causal_lm(model).config
+    reason = unsupported_reason(config) if args.prefix_sharing else None
+    shared = args.prefix_sharing and reason is None
+    layout = "shared prefix [prompt][chosen][rejected]" if shared else "unshared [prompt+chosen][prompt+rejected]"
+    why = f" ({reason}; prefix sharing is off)" if reason else ""
+    logger.info("packing: %s layout, attention %s%s", layout, config._attn_implementation, why)
+    return shared
 
 
 def _router_aux_loss(model, args: DPOConfig) -> tuple[bool, float]:

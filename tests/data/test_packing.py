@@ -30,6 +30,25 @@ def test_pack_pairs_layout():
     assert with_ref.ref_rejected_logps.tolist() == [-2.5, -2.5]
 
 
+def test_pack_pairs_shared_prefix_layout():
+    """[prompt][chosen][rejected]: rejected positions continue from the prompt, the last prompt position predicts
+    both first completion tokens, rejected's keys are its prompt and itself."""
+    b = pack_pairs(ROWS, prefix_sharing=True)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 1, 2]]
+    assert b.cu_seqlens.tolist() == [0, 5, 6, 10, 12] and b.num_pairs == 2
+    assert b.logit_index.tolist() == [2, 3, 2, 6, 7, 8, 6, 10]
+    assert b.targets.tolist() == [8, 9, 10, 12, 13, 14, 15, 16] and b.label_cu_seqlens.tolist() == [0, 2, 3, 6, 8]
+    seg = b.segments
+    assert seg.cu_seqlens_q is b.cu_seqlens and seg.cu_seqlens_k.tolist() == [0, 5, 9, 13, 16]
+    assert seg.kv_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 6, 10, 11]
+    assert (seg.max_seqlen_q, seg.max_seqlen_k) == (5, 5)
+    assert seg.cu_seqlens_k.dtype == torch.int32 and b.to("cpu").segments.kv_index.dtype == torch.long
+    assert pair_length(ROWS[0], prefix_sharing=True) == 6 and pack_pairs(ROWS).segments is None
+    with pytest.raises(ValueError, match="pair 7: empty prompt and rejected token list"):
+        pack_pairs([{"prompt_input_ids": [], "chosen_input_ids": [1], "rejected_input_ids": [], "pair_index": 7}])
+
+
 def test_token_budget_sampler():
     lengths = [9, 4, 7, 3, 10, 1, 6]
     sampler = TokenBudgetBatchSampler(lengths, 10, shuffle=True, seed=3)

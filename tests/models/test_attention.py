@@ -85,3 +85,10 @@ def test_train_default_on_cpu_loads(tmp_path):
     implementation = default_attn_implementation("cpu")
     model = load_causal_lm(ModelSource(str(tmp_path), None), attn_implementation=implementation)
     assert implementation == "packed_sdpa" and model.config._attn_implementation == "packed_sdpa"
+
+
+def test_attention_sinks_are_refused_not_ignored():
+    q = torch.randn(1, 4, 6, 8)
+    module = tiny_llama(seed=1, attn_implementation="packed_sdpa").model.layers[0].self_attn
+    with pytest.raises(ValueError, match="packed_sdpa has no path for s_aux"):
+        attention.packed_sdpa_attention(module, q, q, q, None, s_aux=torch.zeros(4))

@@ -75,9 +75,10 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         backend.select(torch.device("cpu"), "triton")
 
 
-def test_deterministic_refuses_triton():
-    with pytest.raises(ValueError, match="deterministic runs need backend='torch'"):
-        fastdpo.linear_logps(*inputs(), backend="triton", deterministic=True)
+@pytest.mark.parametrize("filter_eps", ["always", -1.0, float("nan"), float("inf")])
+def test_bad_filter_eps(filter_eps):
+    with pytest.raises(ValueError, match="filter_eps must be 'auto', None or a finite number >= 0"):
+        fastdpo.linear_logps(*inputs(), filter_eps=filter_eps)
 
 
 def test_logits_logps_errors():

@@ -252,7 +252,9 @@ def test_moe_aux_loss_added_and_logged(tmp_path, kind):
     data = pairs(4, seed=40, vocab=VOCAB)
     model, ref = tiny_moe(kind, seed=41), tiny_moe(kind, seed=42)
     want, aux = by_hand(model, ref, list(data))
-    trainer = DPOTrainer(model, ref, args=config(tmp_path, max_steps=1), train_dataset=data, eval_dataset=data)
+    # the hand-computed aux loss routes every sequence whole (the shared-prefix case: test_prefix_sharing_train.py)
+    trainer = DPOTrainer(model, ref, args=config(tmp_path, max_steps=1, prefix_sharing=False), train_dataset=data,
+                         eval_dataset=data)
     assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == COEF
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
@@ -271,6 +273,7 @@ def test_moe_aux_loss_under_gradient_accumulation(tmp_path):
                                        for _ in range(3)])                       # 13 tokens a pair
     model, ref = tiny_moe("mixtral", seed=44), tiny_moe("mixtral", seed=45)
     trainer = DPOTrainer(model, ref, args=config(tmp_path, max_tokens_per_batch=26, gradient_accumulation_steps=2,
+                                                 prefix_sharing=False,
                                                  router_aux_loss_coef=0.5), train_dataset=data)
     batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
     assert sorted(len(b.pair_index) for b in batches) == [1, 2]

@@ -1,0 +1,136 @@
+"""SFT training steps, end to end: fastdpo's SFTTrainer against TRL 1.16's SFTTrainer, same rows and settings.
+
+Both train SmolLM2-135M-Instruct (the shared GGUF, converted once to an fp32 checkpoint) with LoRA (r 16, alpha 32,
+all linear layers), no gradient checkpointing, completion-only loss, on the first ``--rows`` prompt / chosen
+completions of a preference file (UltraFeedback by default), truncated to ``--max-length`` tokens (both keep the
+start). TRL pads each micro-batch of ``--rows-per-micro-batch`` rows to its longest (its default, ``packing`` and
+``padding_free`` off) and runs transformers' sdpa; fastdpo packs whole sequences under ``--max-tokens-per-batch``
+(best-fit decreasing) and runs its default attention (``packed_sdpa`` on CPU). Each trainer runs one epoch in a
+fresh process, both at the same time (a shared machine then loads them alike): work tokens/s is the epoch's real
+tokens (padding excluded; the same rows for both) over the summed wall time of its optimiser steps; we also record
+the tokens processed (padding included) and the process's peak RSS (CUDA: ``max_memory_allocated``).
+
+    python benchmarks/bench_sft_step.py --out benchmarks/results/cpu-sft-step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_dpo_step import StepRecorder
+from benchlib.env import default_device, header, metadata
+from benchlib.paths import DEFAULT_MODEL, ULTRAFEEDBACK_DATA
+
+
+def run(trainer_name: str, args) -> dict:
+    import datasets
+    import torch
+
+    from fastdpo.models import apply_lora, default_attn_implementation, load_causal_lm, load_tokenizer, resolve_model
+
+    attention = "sdpa" if trainer_name == "trl" else default_attn_implementation(args.device)
+    torch.manual_seed(0)
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
+    model = apply_lora(load_causal_lm(source, attn_implementation=attention), r=16, alpha=32, dropout=0.05)
+    rows = datasets.load_dataset("json", data_files=str(args.dataset), split="train").select(range(args.rows))
+    data = rows.map(lambda r: {"prompt": r["prompt"], "completion": r["chosen"]}, remove_columns=rows.column_names)
+    cuda = args.device == "cuda"
+    common = dict(output_dir=f"/tmp/bench-sft-{trainer_name}", report_to=[], use_cpu=not cuda, bf16=cuda, fp16=False,
+                  gradient_checkpointing=False, learning_rate=2e-4, num_train_epochs=1, logging_steps=1,
+                  save_strategy="no", disable_tqdm=True, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                  max_length=args.max_length, seed=0)
+    if trainer_name == "trl":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(per_device_train_batch_size=args.rows_per_micro_batch, **common)
+    else:
+        from fastdpo import SFTConfig, SFTTrainer
+
+        config = SFTConfig(max_tokens_per_batch=args.max_tokens_per_batch, **common)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    recorder = StepRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    trainer.add_callback(recorder.callback())
+    trainer.train()
+    steps = recorder.steps   # the whole epoch: every row collated once (the loader fetches ahead of the steps)
+    total = {k: sum(s[k] for s in steps) for k in ("time_s", "pairs", "real_tokens", "processed_tokens")}
+    import importlib.metadata as md
+
+    return {
+        "trainer": trainer_name,
+        "version": md.version("trl" if trainer_name == "trl" else "fastdpo"),
+        "attention": attention,
+        "median_step_s": statistics.median(s["time_s"] for s in steps),
+        "sequences_per_step": total["pairs"] / len(steps),
+        "work_tokens_per_s": total["real_tokens"] / total["time_s"],
+        "packing_efficiency": total["real_tokens"] / total["processed_tokens"],
+        "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "steps": recorder.steps,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| trainer | attention | median step s | sequences/step | work tokens/s | packing efficiency | "
+             "peak memory MiB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['trainer']} {r['version']} | {r['attention']} | {r['median_step_s']:.2f} | "
+              f"{r['sequences_per_step']:.1f} | {r['work_tokens_per_s']:.0f} | {r['packing_efficiency']:.2f} | "
+              f"{r['peak_memory_mib']:.0f} |" for r in rows]
+    by_name = {r["trainer"]: r for r in rows}
+    if {"fastdpo", "trl"} <= set(by_name):
+        f, t = by_name["fastdpo"], by_name["trl"]
+        lines.append(f"\nfastdpo / TRL: {f['work_tokens_per_s'] / t['work_tokens_per_s']:.2f}x work tokens/s, "
+                     f"{f['peak_memory_mib'] / t['peak_memory_mib']:.2f}x peak memory (target >= 1.5x, <= 0.7x)")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--dataset", default=str(ULTRAFEEDBACK_DATA))
+    p.add_argument("--device", default=default_device(), choices=["cpu", "cuda"])
+    p.add_argument("--rows", type=int, default=48)
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--rows-per-micro-batch", type=int, default=4, help="TRL's per_device_train_batch_size")
+    p.add_argument("--max-tokens-per-batch", type=int, default=1536, help="fastdpo's packed micro-batch budget")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=2)
+    p.add_argument("--trainers", default="fastdpo,trl")
+    p.add_argument("--out", help="path prefix for .json and .md results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.child:
+        print(json.dumps(run(args.child, args)))
+        return
+    # each in a fresh process (peak RSS is the trainer's own), side by side so that both see the same machine load
+    procs = {name: subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--child", name], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in args.trainers.split(",")}
+    rows = []
+    for name, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(f"{name} failed:\n{err[-3000:]}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    meta = metadata(args.device)
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    md = (header(meta) + f"\n\nOne SFT epoch: SmolLM2-135M-Instruct + LoRA r16, {precision}, "
+          f"{args.rows} prompt/chosen rows of {Path(args.dataset).name}, max_length {args.max_length}, "
+          f"GA {args.gradient_accumulation_steps}\n\n" + table(rows))
+    print(md)
+    if args.out:
+        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+        Path(f"{args.out}.md").write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""``PackedTrainerMixin``: what every fastdpo trainer on packed micro-batches shares on ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..data import PackedBatch
+from .checkpoints import AtomicCheckpointMixin
+from .metrics import MetricWindow
+
+
+class PackedTrainerMixin(AtomicCheckpointMixin):
+    """Mix in before ``transformers.Trainer``: ``PackedBatch`` inputs moved to the device, a ``MetricWindow``
+    (``self.metrics``, made by ``init_metrics``) logged with the Trainer's logs, evaluation time left out of
+    tokens/s, loss-only prediction steps, and atomic checkpoints."""
+
+    def init_metrics(self) -> None:
+        """Call after ``Trainer.__init__`` (the window reduces over the accelerator's processes)."""
+        self.metrics = MetricWindow(
+            (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None)
+
+    def _prepare_inputs(self, inputs: PackedBatch) -> PackedBatch:
+        return inputs.to(self.args.device)
+
+    def evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:   # evaluation inside training does not count as training time for tokens/s
+            self.metrics.exclude(time.perf_counter() - start)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def extra_logs(self, mode: str) -> dict[str, float]:
+        """Values a subclass logs beside the window's means."""
+        return {}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        # the Trainer's training loss is the optimised one
+        logs.update(self.metrics.pop(mode, skip=("loss",) if mode == "train" else ()))
+        logs.update(self.extra_logs(mode))
+        super().log(logs, start_time)
