@@ -90,8 +90,9 @@ def nan_trainer(tmp_path, **kw):
     from _shared import tiny_llama
     from fastdpo import DPOConfig, DPOTrainer
 
+    # 12 tokens: one 9-token pair (prompt once) a micro-batch, so the NaN pair is skipped alone
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                     max_tokens_per_batch=20, max_steps=6, logging_steps=1, learning_rate=1e-3, **kw)
+                     max_tokens_per_batch=12, max_steps=6, logging_steps=1, learning_rate=1e-3, **kw)
     return DPOTrainer(tiny_llama(seed=3), args=args, train_dataset=poisoned_pairs())
 
 

@@ -223,7 +223,7 @@ def test_nll_term_under_gradient_accumulation(tmp_path, options):
                                         (("prompt_input_ids", 5 + i), ("chosen_input_ids", 1 + 2 * i),
                                          ("rejected_input_ids", 5))} for i in range(4)])
     results = []
-    for budget, accumulation in ((1000, 1), (28, 4)):      # pairs take 16-28 tokens: one per 28-token batch
+    for budget, accumulation in ((1000, 1), (20, 4)):      # pairs take 11-20 tokens (the prompt once): one a batch
         model, ref = tiny_llama(seed=19), tiny_llama(seed=20)
         args = config(tmp_path, max_tokens_per_batch=budget, gradient_accumulation_steps=accumulation, max_steps=1,
                       optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, **options)
