@@ -28,7 +28,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> t
 
 
 def default_attn_implementation(device_type: str) -> str:
-    """The attention ``fastdpo train`` uses on a device type: ``packed_sdpa`` (``fastdpo.attention``) off CUDA;
+    """The attention ``fastdpo train`` uses on a device type: ``packed_sdpa`` (``fastdpo.models.attention``) off CUDA;
     on CUDA ``flash_attention_2`` where flash-attn is installed, else ``flex_attention`` (both varlen)."""
     if device_type != "cuda":
         return "packed_sdpa"

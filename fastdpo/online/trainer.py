@@ -57,10 +57,10 @@ class OnlineDPOTrainer(PreferenceTrainer):
     Ranking (give one):
 
     - a reward model (``reward_model`` or ``args.reward_model_path``): scores as TRL 1.16
-      (``fastdpo.judges.RewardModelScorer``), ``missing_eos_penalty`` subtracted from completions without EOS,
-      the first sample wins ties (``fastdpo.judges.rank_by_scores``);
-    - a pairwise judge (``judge``, any ``fastdpo.judges.PairwiseJudge``, or ``args.judge``, an instruct model
-      loaded into ``fastdpo.judges.LLMJudge``). A pair the judge gives no verdict for (-1: an unparseable answer)
+      (``fastdpo.online.judges.RewardModelScorer``), ``missing_eos_penalty`` subtracted from completions without EOS,
+      the first sample wins ties (``fastdpo.online.judges.rank_by_scores``);
+    - a pairwise judge (``judge``, any ``fastdpo.online.judges.PairwiseJudge``, or ``args.judge``, an instruct model
+      loaded into ``fastdpo.online.judges.LLMJudge``). A pair the judge gives no verdict for (-1: an unparseable answer)
       is left out of the loss and of every per-pair metric, and counted in ``judge/unparseable``; TRL's judge
       trainer counted it as a win for the second completion, which trains on noise.
 
