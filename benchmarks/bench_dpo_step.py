@@ -28,50 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from benchlib.env import default_device, header, metadata
 from benchlib.paths import DEFAULT_MODEL, HH_DATA
-
-
-class StepRecorder:
-    """Wraps a collator to count tokens, and a ``TrainerCallback`` to time optimiser steps."""
-
-    def __init__(self, collate):
-        self.collate = collate
-        self.pending = {"pairs": 0, "real_tokens": 0, "processed_tokens": 0, "work_tokens": 0}
-        self.steps: list[dict] = []
-        self._t0 = None
-
-    def __call__(self, rows):
-        batch = self.collate(rows)
-        ids = batch["input_ids"]
-        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
-        self.pending["pairs"] += len(rows)
-        self.pending["real_tokens"] += real
-        self.pending["processed_tokens"] += ids.numel()
-        self.pending["work_tokens"] += sum(work_tokens(row) for row in rows)
-        return batch
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        recorder = self
-
-        class _Timer(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                recorder._t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                recorder.steps.append({"time_s": time.perf_counter() - recorder._t0, **recorder.pending})
-                recorder.pending = dict.fromkeys(recorder.pending, 0)
-
-        return _Timer()
+from benchlib.steps import attach, run_children, summary, write
 
 
 def work_tokens(row: dict) -> int:
@@ -132,12 +94,8 @@ def run(trainer_name: str, args) -> dict:
         from fastdpo.integrations.trl import patch_dpo_trainer
 
         patch_dpo_trainer(trainer)
-    recorder = StepRecorder(trainer.data_collator)
-    trainer.data_collator = recorder
-    trainer.add_callback(recorder.callback())
+    recorder = attach(trainer, work_tokens, cuda)
     trainer.train()
-    steps = recorder.steps[1:]    # the first step pays for warm-up
-    total = {k: sum(s[k] for s in steps) for k in ("time_s", "pairs", "real_tokens", "processed_tokens", "work_tokens")}
     import importlib.metadata as md
 
     return {
@@ -146,33 +104,25 @@ def run(trainer_name: str, args) -> dict:
         "version": md.version("trl" if uses_trl else "fastdpo"),
         "attention": attention,
         "layout": "padded" if uses_trl else ("shared prefix" if trainer.prefix_sharing else "unshared"),
-        "processed_tokens_per_pair": total["processed_tokens"] / total["pairs"],
-        "work_tokens_per_s": total["work_tokens"] / total["time_s"],
-        "median_step_s": statistics.median(s["time_s"] for s in steps),
-        "pairs_per_step": total["pairs"] / len(steps),
-        "s_per_pair": total["time_s"] / total["pairs"],
-        "real_tokens_per_s": total["real_tokens"] / total["time_s"],
-        "packing_efficiency": total["real_tokens"] / total["processed_tokens"],
-        "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "steps": recorder.steps,
+        **summary(recorder, cuda),
     }
 
 
 def table(rows: list[dict]) -> str:
     """Markdown rows; ratios are against TRL's row on the same dataset (when it ran)."""
     lines = ["| dataset | trainer | attention | layout | processed tokens/pair | median step s | pairs/step | "
-             "work tokens/s | ×TRL | real tokens/s | packing efficiency | peak memory MiB | ×TRL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "work tokens/s | ×TRL | real tokens/s | packing efficiency | peak memory MiB | ×TRL | before training MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     trl = {r["dataset"]: r for r in rows if r["trainer"] == "trl"}
     for r in rows:
         base = trl.get(r["dataset"])
         speed = f"{r['work_tokens_per_s'] / base['work_tokens_per_s']:.2f}" if base else "–"
         memory = f"{r['peak_memory_mib'] / base['peak_memory_mib']:.2f}" if base else "–"
         lines.append(f"| {r['dataset']} | {r['trainer']} {r['version']} | {r['attention']} | {r['layout']} | "
-                     f"{r['processed_tokens_per_pair']:.0f} | {r['median_step_s']:.2f} | {r['pairs_per_step']:.1f} | "
+                     f"{r['processed_tokens_per_row']:.0f} | {r['median_step_s']:.2f} | {r['rows_per_step']:.1f} | "
                      f"{r['work_tokens_per_s']:.0f} | {speed} | {r['real_tokens_per_s']:.0f} | "
-                     f"{r['packing_efficiency']:.2f} | {r['peak_memory_mib']:.0f} | {memory} |")
+                     f"{r['packing_efficiency']:.2f} | {r['peak_memory_mib']:.0f} | {memory} | "
+                     f"{r['setup_peak_memory_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -200,17 +150,8 @@ def parser() -> argparse.ArgumentParser:
 def run_trainers(argv: list[str]) -> tuple[list[dict], str]:
     """(rows, markdown) for the trainers named in ``argv``'s ``--trainers``, each in a fresh process."""
     args = parser().parse_args(argv)
-    rows = []
-    for dataset in args.dataset:
-        for name in args.trainers.split(","):
-            cmd = [sys.executable, __file__, *argv, "--child", name, "--child-dataset", dataset]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                rows.append({"trainer": name, "dataset": Path(dataset).name,
-                             "skipped": (proc.stderr.strip().splitlines() or ["?"])[-1]})
-                print(f"{name}: skipped: {proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = [{"dataset": Path(dataset).name, **row} for dataset in args.dataset
+            for row in run_children(__file__, argv, args.trainers.split(","), ["--child-dataset", dataset])]
     ran = [r for r in rows if "skipped" not in r]
     skipped = "".join(f"\n- {r['trainer']} on {r['dataset']} skipped: {r['skipped']}" for r in rows if "skipped" in r)
     precision = "bf16" if args.device == "cuda" else "fp32"
@@ -227,14 +168,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(run(args.child, args)))
         return
+    meta = metadata(args.device)   # before the children: its load average is the machine's, not theirs
     rows, md = run_trainers(sys.argv[1:])
-    meta = metadata(args.device)
     md = header(meta) + "\n\n" + md
     print(md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
-        Path(f"{args.out}.md").write_text(md + "\n")
+    write(args.out, meta, args, rows, md)
 
 
 if __name__ == "__main__":

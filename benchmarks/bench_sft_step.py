@@ -6,9 +6,9 @@ completions of a preference file (UltraFeedback by default), truncated to ``--ma
 start). TRL pads each micro-batch of ``--rows-per-micro-batch`` rows to its longest (its default, ``packing`` and
 ``padding_free`` off) and runs transformers' sdpa; fastdpo packs whole sequences under ``--max-tokens-per-batch``
 (best-fit decreasing) and runs its default attention (``packed_sdpa`` on CPU). Each trainer runs one epoch in a
-fresh process, both at the same time (a shared machine then loads them alike): work tokens/s is the epoch's real
-tokens (padding excluded; the same rows for both) over the summed wall time of its optimiser steps; we also record
-the tokens processed (padding included) and the process's peak RSS (CUDA: ``max_memory_allocated``).
+fresh process, one after the other: work tokens/s is the epoch's tokens (Σ len(input_ids), padding excluded; the same
+rows for both) over the summed wall time of its optimiser steps after the first (warm-up); we also record the tokens
+processed (padding included) and the process's peak RSS (CUDA: ``max_memory_allocated``).
 
     python benchmarks/bench_sft_step.py --out benchmarks/results/cpu-sft-step
 """
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from bench_dpo_step import StepRecorder
 from benchlib.env import default_device, header, metadata
 from benchlib.paths import DEFAULT_MODEL, ULTRAFEEDBACK_DATA
+from benchlib.steps import attach, run_children, summary, write
 
 
 def run(trainer_name: str, args) -> dict:
@@ -55,34 +52,25 @@ def run(trainer_name: str, args) -> dict:
 
         config = SFTConfig(max_tokens_per_batch=args.max_tokens_per_batch, **common)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
-    recorder = StepRecorder(trainer.data_collator)
-    trainer.data_collator = recorder
-    trainer.add_callback(recorder.callback())
+    recorder = attach(trainer, lambda row: len(row["input_ids"]), cuda)
     trainer.train()
-    steps = recorder.steps   # the whole epoch: every row collated once (the loader fetches ahead of the steps)
-    total = {k: sum(s[k] for s in steps) for k in ("time_s", "pairs", "real_tokens", "processed_tokens")}
     import importlib.metadata as md
 
     return {
         "trainer": trainer_name,
         "version": md.version("trl" if trainer_name == "trl" else "fastdpo"),
         "attention": attention,
-        "median_step_s": statistics.median(s["time_s"] for s in steps),
-        "sequences_per_step": total["pairs"] / len(steps),
-        "work_tokens_per_s": total["real_tokens"] / total["time_s"],
-        "packing_efficiency": total["real_tokens"] / total["processed_tokens"],
-        "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "steps": recorder.steps,
+        **summary(recorder, cuda),
     }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| trainer | attention | median step s | sequences/step | work tokens/s | packing efficiency | "
-             "peak memory MiB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['trainer']} {r['version']} | {r['attention']} | {r['median_step_s']:.2f} | "
-              f"{r['sequences_per_step']:.1f} | {r['work_tokens_per_s']:.0f} | {r['packing_efficiency']:.2f} | "
-              f"{r['peak_memory_mib']:.0f} |" for r in rows]
+    lines = ["| trainer | attention | processed tokens/sequence | median step s | sequences/step | work tokens/s | "
+             "packing efficiency | peak memory MiB | before training MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['trainer']} {r['version']} | {r['attention']} | {r['processed_tokens_per_row']:.0f} | "
+              f"{r['median_step_s']:.2f} | {r['rows_per_step']:.1f} | {r['work_tokens_per_s']:.0f} | "
+              f"{r['packing_efficiency']:.2f} | {r['peak_memory_mib']:.0f} | {r['setup_peak_memory_mib']:.0f} |"
+              for r in rows]
     by_name = {r["trainer"]: r for r in rows}
     if {"fastdpo", "trl"} <= set(by_name):
         f, t = by_name["fastdpo"], by_name["trl"]
@@ -112,24 +100,16 @@ def main() -> None:
     if args.child:
         print(json.dumps(run(args.child, args)))
         return
-    # each in a fresh process (peak RSS is the trainer's own), side by side so that both see the same machine load
-    procs = {name: subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--child", name], text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in args.trainers.split(",")}
-    rows = []
-    for name, proc in procs.items():
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{err[-3000:]}")
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    meta = metadata(args.device)
+    meta = metadata(args.device)   # before the children: its load average is the machine's, not theirs
+    rows = run_children(__file__, sys.argv[1:], args.trainers.split(","))
+    if any("skipped" in r for r in rows):
+        sys.exit(f"failed: {[r for r in rows if 'skipped' in r]}")
     precision = "bf16" if args.device == "cuda" else "fp32"
     md = (header(meta) + f"\n\nOne SFT epoch: SmolLM2-135M-Instruct + LoRA r16, {precision}, "
           f"{args.rows} prompt/chosen rows of {Path(args.dataset).name}, max_length {args.max_length}, "
           f"GA {args.gradient_accumulation_steps}\n\n" + table(rows))
     print(md)
-    if args.out:
-        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
-        Path(f"{args.out}.md").write_text(md + "\n")
+    write(args.out, meta, args, rows, md)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from _reference import rel_err
 from _shared import SMOLLM2_GGUF, write_hh_pairs
 from fastdpo import cli
+from fastdpo.cli.sft import parse_sft_args
 from fastdpo.data.packing import pack_pairs
 from fastdpo.train.forward import packed_sequence_logps
 
@@ -49,6 +50,17 @@ def test_missing_file_and_required_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_train_args(["--dataset", "d.jsonl", "--load-in-4bit"])
     assert "add --use-peft" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parse", [cli.parse_train_args, parse_sft_args])
+def test_new_adapter_options_with_a_saved_adapter_are_refused(parse, capsys):
+    """A saved adapter keeps its own r/alpha/dropout/targets: an option that would shape a new one is an error."""
+    with pytest.raises(SystemExit) as e:
+        parse(["--dataset", "d.jsonl", "--adapter", "sft-out", "--lora-dropout", "0", "--lora-r", "8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--lora-r, --lora-dropout shape a new adapter" in err
+    script, _ = parse(["--dataset", "d.jsonl", "--adapter", "sft-out", "--output-dir", "o"])
+    assert script.adapter == "sft-out"
 
 
 def test_yaml_config_with_command_line_override(tmp_path, capsys):

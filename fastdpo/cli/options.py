@@ -146,9 +146,13 @@ def given_options(argv: list[str], command: str = "train") -> set[str]:
     return given | {dest for dest, value in vars(parsed).items() if value is not unset}
 
 
+_NEW_ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
 def parse_with_config(parser, argv: list[str]):
     """``parser.parse_args_into_dataclasses(argv)`` with the ``--config`` YAML file's values as defaults, and the
-    checks every training command shares (a dataset, 4-bit only with LoRA, one eval option).
+    checks every training command shares (a dataset, 4-bit only with LoRA, one eval option, no new-adapter shape
+    options with a saved ``--adapter``).
 
     Raises:
         SystemExit: unknown options or YAML keys, an unreadable config file, those checks (argparse's usage error).
@@ -163,6 +167,12 @@ def parse_with_config(parser, argv: list[str]):
         parser.error("--load-in-4bit trains LoRA adapters on a frozen 4-bit base: add --use-peft (QLoRA)")
     if script.eval_split and script.eval_fraction:
         parser.error("give --eval-split or --eval-fraction, not both")
+    reshaped = [f"--{f.name.replace('_', '-')}" for f in fields(script)
+                if f.name in _NEW_ADAPTER_OPTIONS and getattr(script, f.name) != f.default]
+    if script.adapter and reshaped:
+        # a saved adapter keeps its own adapter_config.json; silently ignoring these would train something else
+        parser.error(f"{', '.join(reshaped)} shape a new adapter, but --adapter loads a saved one (its "
+                     "adapter_config.json sets them): drop them, or train a new adapter with --use-peft")
     return script, args
 
 

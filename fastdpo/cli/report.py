@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-#: the metrics of the table, in its order (TRL's names; evaluation adds the ``eval_`` prefix)
+#: the metrics of the tables, in their order (TRL's names; evaluation adds the ``eval_`` prefix)
 METRICS = ("loss", "rewards/margins", "rewards/accuracies")
+SFT_METRICS = ("loss", "mean_token_accuracy")
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -32,13 +33,13 @@ def _value(key: str, value: float, eval_pairs: int | None) -> str:
     return f"{value:.3f}"
 
 
-def first_last_table(history: list[dict], eval_pairs: int | None = None) -> str:
-    """Rows ``split metric  first  →  last  (steps)`` for the logged train and eval metrics of ``history``
-    (``trainer.state.log_history``); eval accuracies with their Wilson 95% interval over ``eval_pairs`` pairs.
+def first_last_table(history: list[dict], eval_pairs: int | None = None, metrics: tuple[str, ...] = METRICS) -> str:
+    """Rows ``split metric  first  →  last  (steps)`` for the logged train and eval ``metrics`` of ``history``
+    (``trainer.state.log_history``); eval pair accuracies with their Wilson 95% interval over ``eval_pairs`` pairs.
     Empty when nothing was logged."""
     rows = []
     for prefix, split in (("", "train"), ("eval_", "eval")):
-        for metric in METRICS:
+        for metric in metrics:
             points = [(e["step"], e[prefix + metric]) for e in history if prefix + metric in e and "step" in e]
             if points:
                 (s0, v0), (s1, v1) = points[0], points[-1]
@@ -52,6 +53,15 @@ def first_last_table(history: list[dict], eval_pairs: int | None = None) -> str:
     if eval_pairs and any(r[0] == "eval rewards/accuracies" for r in rows):
         lines.append(f"  (eval over {eval_pairs} pairs; [..] = binomial 95% interval, Wilson)")
     return "\n".join(["first → last:", *lines])
+
+
+def finished(wall_time_s: float, peak_rss_mib: float, output_dir: str, table: str,
+             estimated_peak_mib: float | None = None) -> str:
+    """The last lines a train command prints: wall time, peak RSS (and the estimate made at start), where the run
+    was saved, then the first → last table."""
+    estimate = f" (estimated {estimated_peak_mib / 1024:.1f} GiB)" if estimated_peak_mib is not None else ""
+    return (f"[fastdpo] done in {duration(wall_time_s)}; peak RSS {peak_rss_mib / 1024:.1f} GiB{estimate}; saved to "
+            f"{output_dir}" + (f"\n{table}" if table else ""))
 
 
 def duration(seconds: float) -> str:

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser, set_seed
 from . import SUBCOMMANDS
 from .options import parse_with_config
 from .plot import curves_after_training
+from .report import SFT_METRICS, finished, first_last_table
 from .training import TrainArguments, _checkpoint_to_resume, load_policy
 
 
@@ -74,7 +75,8 @@ def sft(argv: list[str]):
     summary = {"wall_time_s": time.perf_counter() - start,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "drops": trainer.drop_reports, "output_dir": args.output_dir}
-    print(f"[fastdpo] done: {summary}", flush=True)
+    table = first_last_table(trainer.state.log_history, metrics=SFT_METRICS)
+    print(finished(summary["wall_time_s"], summary["peak_rss_mib"], args.output_dir, table), flush=True)
     return trainer, summary
 
 

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .memory import apply_memory_plan
 from .options import TrainArguments, _config_path, _train_parser, given_options, parse_train_args
 from .plot import curves_after_training
-from .report import duration, first_last_table
+from .report import finished, first_last_table
 
 __all__ = ["TrainArguments", "_config_path", "_train_parser", "load_policy", "parse_train_args", "train"]
 
@@ -108,7 +108,6 @@ def train(argv: list[str], command: str = "train"):
         "curves": curves_after_training(args.output_dir) if trainer.is_world_process_zero() else None,
     }
     table = first_last_table(trainer.state.log_history, len(trainer.eval_dataset) if trainer.eval_dataset else None)
-    print(f"[fastdpo] done in {duration(summary['wall_time_s'])}; peak RSS {summary['peak_rss_mib'] / 1024:.1f} GiB "
-          f"(estimated {summary['estimated_peak_mib'] / 1024:.1f} GiB); saved to {args.output_dir}"
-          + (f"\n{table}" if table else ""), flush=True)
+    print(finished(summary["wall_time_s"], summary["peak_rss_mib"], args.output_dir, table,
+                   summary["estimated_peak_mib"]), flush=True)
     return trainer, summary

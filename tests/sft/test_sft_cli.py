@@ -46,20 +46,22 @@ def test_preference_rows_train_on_the_chosen_reply():
         tokenize_sft(datasets.Dataset.from_list([{"question": "a"}]), tok)
 
 
-def test_short_real_run_loss_falls_and_adapter_reloads_into_dpo(tmp_path, smollm2_cache, monkeypatch):
+def test_short_real_run_loss_falls_and_adapter_reloads_into_dpo(tmp_path, smollm2_cache, monkeypatch, capsys):
     """SmolLM2-135M-Instruct (the real GGUF) + LoRA, a few SFT steps: the loss falls; `fastdpo train --adapter` loads
     the adapter as policy and frozen reference (DPO's first loss is then log 2) with the trained log-probs."""
     monkeypatch.setenv("FASTDPO_CACHE", str(smollm2_cache))
     data, out = write_hh_pairs(tmp_path / "pairs.jsonl"), tmp_path / "sft"
     common = ["--model", str(SMOLLM2_GGUF), "--dataset", str(data), "--report-to", "none", "--save-strategy", "no",
-              "--disable-tqdm", "true", "--use-peft", "--lora-dropout", "0", "--logging-steps", "1"]
-    trainer, summary = sft.sft([*common, "--output-dir", str(out), "--learning-rate", "2e-3", "--num-train-epochs", "5",
-                                "--max-tokens-per-batch", "512"])
+              "--disable-tqdm", "true", "--logging-steps", "1"]
+    trainer, summary = sft.sft([*common, "--use-peft", "--lora-dropout", "0", "--output-dir", str(out),
+                                "--learning-rate", "2e-3", "--num-train-epochs", "5", "--max-tokens-per-batch", "512"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.2, losses
     assert summary["drops"]["train"] == {"rows": 4, "kept": 4, "truncated": 0, "no_loss_tokens": 0}
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert (out / "training_curves.png").is_file()
+    printed = capsys.readouterr().out
+    assert "first → last:" in printed and "train mean_token_accuracy" in printed and "(step 1 → 5)" in printed
 
     dpo, _ = cli.train([*common, "--output-dir", str(tmp_path / "dpo"), "--adapter", str(out), "--model-adapter-name",
                         "policy", "--ref-adapter-name", "reference", "--max-steps", "1", "--max-length", "64"])

@@ -1,0 +1,112 @@
+"""Training-step benchmarks (DPO and SFT): count what each optimiser step trained on, time it, run each trainer in a
+fresh process one after another, and summarise a run the same way for every trainer."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class StepRecorder:
+    """Wraps a collator to count rows and tokens, and a ``TrainerCallback`` to time optimiser steps.
+
+    ``work_tokens(row)`` is the per-row count every trainer shares (padding and layout excluded)."""
+
+    def __init__(self, collate, work_tokens: Callable[[dict], int]):
+        self.collate = collate
+        self.work_tokens = work_tokens
+        self.pending = {"rows": 0, "real_tokens": 0, "processed_tokens": 0, "work_tokens": 0}
+        self.steps: list[dict] = []
+        self._t0 = None
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        ids = batch["input_ids"]
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        self.pending["rows"] += len(rows)
+        self.pending["real_tokens"] += real
+        self.pending["processed_tokens"] += ids.numel()
+        self.pending["work_tokens"] += sum(self.work_tokens(row) for row in rows)
+        return batch
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class _Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                recorder._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                recorder.steps.append({"time_s": time.perf_counter() - recorder._t0, **recorder.pending})
+                recorder.pending = dict.fromkeys(recorder.pending, 0)
+
+        return _Timer()
+
+
+def peak_memory_mib(cuda: bool) -> float:
+    """The process's peak so far: CPU peak RSS, CUDA ``max_memory_allocated``."""
+    import torch
+
+    return (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+
+
+def attach(trainer, work_tokens: Callable[[dict], int], cuda: bool) -> StepRecorder:
+    """Put a ``StepRecorder`` between ``trainer`` and its collator; notes the peak memory before training (imports,
+    model, data), so that the summary can tell training's own memory from the process's floor."""
+    recorder = StepRecorder(trainer.data_collator, work_tokens)
+    recorder.setup_peak_mib = peak_memory_mib(cuda)
+    trainer.data_collator = recorder
+    trainer.add_callback(recorder.callback())
+    return recorder
+
+
+def summary(recorder: StepRecorder, cuda: bool) -> dict:
+    """Figures every step benchmark reports over the recorded steps after the first (it pays for warm-up): per-row
+    processed tokens, median step time, work and real tokens/s (summed tokens over summed step time), packing
+    efficiency, the process's peak memory and its peak before training, and the steps themselves."""
+    steps = recorder.steps[1:]
+    total = {k: sum(s[k] for s in steps) for k in ("time_s", "rows", "real_tokens", "processed_tokens", "work_tokens")}
+    return {
+        "processed_tokens_per_row": total["processed_tokens"] / total["rows"],
+        "median_step_s": statistics.median(s["time_s"] for s in steps),
+        "rows_per_step": total["rows"] / len(steps),
+        "work_tokens_per_s": total["work_tokens"] / total["time_s"],
+        "real_tokens_per_s": total["real_tokens"] / total["time_s"],
+        "packing_efficiency": total["real_tokens"] / total["processed_tokens"],
+        "peak_memory_mib": peak_memory_mib(cuda),
+        "setup_peak_memory_mib": recorder.setup_peak_mib,
+        "steps": recorder.steps,
+    }
+
+
+def run_children(script: str, argv: list[str], names: list[str], extra: list[str] = ()) -> list[dict]:
+    """Run ``script argv --child NAME *extra`` for each name, one at a time (each trainer has the machine to itself,
+    and its peak RSS is its own); the child prints its result as the last line of JSON. A child that fails becomes
+    ``{"trainer": name, "skipped": last stderr line}``."""
+    rows = []
+    for name in names:
+        proc = subprocess.run([sys.executable, script, *argv, "--child", name, *extra], capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"trainer": name, "skipped": (proc.stderr.strip().splitlines() or ["?"])[-1]})
+            print(f"{name}: skipped: {proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def write(out: str | None, meta: dict, args, rows: list[dict], md: str) -> None:
+    """``out``.json (metadata, arguments, rows) and ``out``.md."""
+    if not out:
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+    Path(f"{out}.md").write_text(md + "\n")
