@@ -27,13 +27,12 @@ does the same work: Σ len(prompt + chosen) + len(prompt + rejected) "work token
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from benchlib.env import default_device, header, metadata
+from benchlib import steps
+from benchlib.env import default_device
 from benchlib.paths import DEFAULT_MODEL, HH_DATA
-from benchlib.steps import attach, run_children, summary, write
 
 
 def work_tokens(row: dict) -> int:
@@ -94,7 +93,7 @@ def run(trainer_name: str, args) -> dict:
         from fastdpo.integrations.trl import patch_dpo_trainer
 
         patch_dpo_trainer(trainer)
-    recorder = attach(trainer, work_tokens, cuda)
+    recorder = steps.attach(trainer, work_tokens, cuda)
     trainer.train()
     import importlib.metadata as md
 
@@ -104,7 +103,7 @@ def run(trainer_name: str, args) -> dict:
         "version": md.version("trl" if uses_trl else "fastdpo"),
         "attention": attention,
         "layout": "padded" if uses_trl else ("shared prefix" if trainer.prefix_sharing else "unshared"),
-        **summary(recorder, cuda),
+        **steps.summary(recorder, cuda),
     }
 
 
@@ -151,7 +150,7 @@ def run_trainers(argv: list[str]) -> tuple[list[dict], str]:
     """(rows, markdown) for the trainers named in ``argv``'s ``--trainers``, each in a fresh process."""
     args = parser().parse_args(argv)
     rows = [{"dataset": Path(dataset).name, **row} for dataset in args.dataset
-            for row in run_children(__file__, argv, args.trainers.split(","), ["--child-dataset", dataset])]
+            for row in steps.run_children(__file__, argv, args.trainers.split(","), ["--child-dataset", dataset])]
     ran = [r for r in rows if "skipped" not in r]
     skipped = "".join(f"\n- {r['trainer']} on {r['dataset']} skipped: {r['skipped']}" for r in rows if "skipped" in r)
     precision = "bf16" if args.device == "cuda" else "fp32"
@@ -163,17 +162,5 @@ def run_trainers(argv: list[str]) -> tuple[list[dict], str]:
     return rows, md
 
 
-def main() -> None:
-    args = parser().parse_args()
-    if args.child:
-        print(json.dumps(run(args.child, args)))
-        return
-    meta = metadata(args.device)   # before the children: its load average is the machine's, not theirs
-    rows, md = run_trainers(sys.argv[1:])
-    md = header(meta) + "\n\n" + md
-    print(md)
-    write(args.out, meta, args, rows, md)
-
-
 if __name__ == "__main__":
-    main()
+    steps.main(parser, run, lambda args: run_trainers(sys.argv[1:]))

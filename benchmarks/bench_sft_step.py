@@ -16,13 +16,12 @@ processed (padding included) and the process's peak RSS (CUDA: ``max_memory_allo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from benchlib.env import default_device, header, metadata
+from benchlib import steps
+from benchlib.env import default_device
 from benchlib.paths import DEFAULT_MODEL, ULTRAFEEDBACK_DATA
-from benchlib.steps import attach, run_children, summary, write
 
 
 def run(trainer_name: str, args) -> dict:
@@ -52,7 +51,7 @@ def run(trainer_name: str, args) -> dict:
 
         config = SFTConfig(max_tokens_per_batch=args.max_tokens_per_batch, **common)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
-    recorder = attach(trainer, lambda row: len(row["input_ids"]), cuda)
+    recorder = steps.attach(trainer, lambda row: len(row["input_ids"]), cuda)
     trainer.train()
     import importlib.metadata as md
 
@@ -60,7 +59,7 @@ def run(trainer_name: str, args) -> dict:
         "trainer": trainer_name,
         "version": md.version("trl" if trainer_name == "trl" else "fastdpo"),
         "attention": attention,
-        **summary(recorder, cuda),
+        **steps.summary(recorder, cuda),
     }
 
 
@@ -95,22 +94,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    if args.child:
-        print(json.dumps(run(args.child, args)))
-        return
-    meta = metadata(args.device)   # before the children: its load average is the machine's, not theirs
-    rows = run_children(__file__, sys.argv[1:], args.trainers.split(","))
+def report(args) -> tuple[list[dict], str]:
+    """(rows, markdown) of one epoch for each of ``--trainers``, each in a fresh process."""
+    rows = steps.run_children(__file__, sys.argv[1:], args.trainers.split(","))
     if any("skipped" in r for r in rows):
         sys.exit(f"failed: {[r for r in rows if 'skipped' in r]}")
     precision = "bf16" if args.device == "cuda" else "fp32"
-    md = (header(meta) + f"\n\nOne SFT epoch: SmolLM2-135M-Instruct + LoRA r16, {precision}, "
+    md = (f"One SFT epoch: SmolLM2-135M-Instruct + LoRA r16, {precision}, "
           f"{args.rows} prompt/chosen rows of {Path(args.dataset).name}, max_length {args.max_length}, "
           f"GA {args.gradient_accumulation_steps}\n\n" + table(rows))
-    print(md)
-    write(args.out, meta, args, rows, md)
+    return rows, md
 
 
 if __name__ == "__main__":
-    main()
+    steps.main(parser, run, report)

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .env import header, metadata
+
 
 class StepRecorder:
     """Wraps a collator to count rows and tokens, and a ``TrainerCallback`` to time optimiser steps.
@@ -103,10 +105,20 @@ def run_children(script: str, argv: list[str], names: list[str], extra: list[str
     return rows
 
 
-def write(out: str | None, meta: dict, args, rows: list[dict], md: str) -> None:
-    """``out``.json (metadata, arguments, rows) and ``out``.md."""
-    if not out:
+def main(parser: Callable, run: Callable[[str, object], dict], report: Callable[[object], tuple[list[dict], str]]):
+    """A step benchmark's entry point. With ``--child NAME``: ``run(NAME, args)``, printed as the last line of JSON.
+    Otherwise ``report(args)`` runs the children and gives (rows, markdown), printed and written to ``--out``.json
+    (metadata, arguments, rows) and .md, headed by the metadata taken before the children ran (its load average is
+    then the machine's, not theirs)."""
+    args = parser().parse_args()
+    if args.child:
+        print(json.dumps(run(args.child, args)))
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
-    Path(f"{out}.md").write_text(md + "\n")
+    meta = metadata(args.device)
+    rows, md = report(args)
+    md = header(meta) + "\n\n" + md
+    print(md)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+        Path(f"{args.out}.md").write_text(md + "\n")
