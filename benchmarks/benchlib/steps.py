@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,12 +19,15 @@ from .env import header, metadata
 class StepRecorder:
     """Wraps a collator to count rows and tokens, and a ``TrainerCallback`` to time optimiser steps.
 
-    ``work_tokens(row)`` is the per-row count every trainer shares (padding and layout excluded)."""
+    ``work_tokens(row)`` is the per-row count every trainer shares (padding and layout excluded). The data loader
+    collates ahead of training (accelerate fetches one micro-batch early), so counts wait in a queue and each
+    micro-batch's are booked when the trainer ends that micro-batch (``on_substep_end`` / ``on_step_end``)."""
 
     def __init__(self, collate, work_tokens: Callable[[dict], int]):
         self.collate = collate
         self.work_tokens = work_tokens
-        self.pending = {"rows": 0, "real_tokens": 0, "processed_tokens": 0, "work_tokens": 0}
+        self.collated: deque[dict] = deque()
+        self.pending = dict.fromkeys(("rows", "real_tokens", "processed_tokens", "work_tokens"), 0)
         self.steps: list[dict] = []
         self._t0 = None
 
@@ -31,11 +35,13 @@ class StepRecorder:
         batch = self.collate(rows)
         ids = batch["input_ids"]
         real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
-        self.pending["rows"] += len(rows)
-        self.pending["real_tokens"] += real
-        self.pending["processed_tokens"] += ids.numel()
-        self.pending["work_tokens"] += sum(self.work_tokens(row) for row in rows)
+        self.collated.append({"rows": len(rows), "real_tokens": real, "processed_tokens": ids.numel(),
+                              "work_tokens": sum(self.work_tokens(row) for row in rows)})
         return batch
+
+    def _book_micro_batch(self):
+        for key, value in self.collated.popleft().items():
+            self.pending[key] += value
 
     def callback(self):
         from transformers import TrainerCallback
@@ -46,7 +52,11 @@ class StepRecorder:
             def on_step_begin(self, args, state, control, **kwargs):
                 recorder._t0 = time.perf_counter()
 
+            def on_substep_end(self, args, state, control, **kwargs):
+                recorder._book_micro_batch()
+
             def on_step_end(self, args, state, control, **kwargs):
+                recorder._book_micro_batch()
                 recorder.steps.append({"time_s": time.perf_counter() - recorder._t0, **recorder.pending})
                 recorder.pending = dict.fromkeys(recorder.pending, 0)
 
