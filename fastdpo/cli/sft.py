@@ -5,18 +5,14 @@ LM head. Options: the model and data options of ``fastdpo train`` (``TrainArgume
 
 from __future__ import annotations
 
-import logging
-import resource
-import time
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, set_seed
 
 from . import SUBCOMMANDS
 from .options import parse_with_config
-from .plot import curves_after_training
-from .report import SFT_METRICS, finished, first_last_table
-from .training import TrainArguments, _checkpoint_to_resume, load_policy
+from .report import SFT_METRICS
+from .training import TrainArguments, begin_run, finish_run, load_data, load_policy
 
 
 @dataclass
@@ -53,31 +49,15 @@ def sft(argv: list[str]):
     """Run ``fastdpo sft``: returns the finished ``SFTTrainer`` and a summary (wall time, peak RSS, the
     tokenisation reports), which is also printed. Saves the model or adapter with the tokenizer to
     ``--output-dir``, ``trainer_state.json`` and, where matplotlib is installed, the training curves (``fastdpo plot``)."""
-    from ..data import load_preference_dataset
     from ..sft import SFTTrainer
 
     script, args = parse_sft_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    start = time.perf_counter()
+    start = begin_run()
+    train_ds, eval_ds = load_data(script, args)
     set_seed(args.seed, deterministic=args.full_determinism)   # before the model: LoRA's init is seeded
-    train_ds, eval_ds = load_preference_dataset(   # first: a missing file fails before the model loads
-        script.dataset, split=script.dataset_split, eval_split=script.eval_split,
-        eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed)
     tokenizer, model, _ = load_policy(script, args)
     trainer = SFTTrainer(model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
-    for split, report in trainer.drop_reports.items():
-        print(f"[fastdpo] {split}: {report}", flush=True)
-    trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
-    trainer.save_model()
-    trainer.save_state()
-    if args.should_save:
-        curves_after_training(args.output_dir)   # training_curves.png, where matplotlib is installed
-    summary = {"wall_time_s": time.perf_counter() - start,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "drops": trainer.drop_reports, "output_dir": args.output_dir}
-    table = first_last_table(trainer.state.log_history, metrics=SFT_METRICS)
-    print(finished(summary["wall_time_s"], summary["peak_rss_mib"], args.output_dir, table), flush=True)
-    return trainer, summary
+    return trainer, finish_run(trainer, args, start, metrics=SFT_METRICS)
 
 
 def main(argv: list[str], name: str = "sft") -> None:

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .memory import apply_memory_plan
 from .options import TrainArguments, _config_path, _train_parser, given_options, parse_train_args
 from .plot import curves_after_training
-from .report import finished, first_last_table
+from .report import METRICS, finished, first_last_table
 
 __all__ = ["TrainArguments", "_config_path", "_train_parser", "load_policy", "parse_train_args", "train"]
 
@@ -64,28 +64,61 @@ def load_policy(script: TrainArguments, args):
     return tokenizer, model, ref_model
 
 
+def begin_run() -> float:
+    """Logging as every train command has it; returns the run's start time (``time.perf_counter``)."""
+    # fastdpo's progress at INFO; other libraries' INFO chatter (accelerate on every evaluation) stays out
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("fastdpo").setLevel(logging.INFO)
+    # peft reads transformers' deprecated alias itself; nothing a user can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    return time.perf_counter()
+
+
+def load_data(script: TrainArguments, args):
+    """(train, eval or None) datasets as the command line asks. Called before the model loads, so that a mistyped
+    path or a broken file fails before minutes of model loading."""
+    from ..data import load_preference_dataset
+
+    return load_preference_dataset(script.dataset, split=script.dataset_split, eval_split=script.eval_split,
+                                   eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed)
+
+
+def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...] = METRICS, eval_pairs: int | None = None,
+               estimated_peak_mib: float | None = None) -> dict:
+    """Train ``trainer`` to the end (resuming as ``--resume-from-checkpoint`` asks), save the model or adapter with
+    the tokenizer and ``trainer_state.json`` (the metric history, also without checkpoints), draw the curves, and
+    print and return the summary (wall time, peak RSS, the estimate, dropped rows, the curves' path)."""
+    drops = getattr(trainer, "drop_reports", {})   # online DPO tokenises prompts only: nothing is dropped
+    for split, report in drops.items():
+        print(f"[fastdpo] {split}: {report}", flush=True)
+    trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
+    trainer.save_model()
+    trainer.save_state()
+    summary = {
+        "wall_time_s": time.perf_counter() - start,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "estimated_peak_mib": estimated_peak_mib,
+        "drops": drops,
+        "output_dir": args.output_dir,
+        "curves": curves_after_training(args.output_dir) if trainer.is_world_process_zero() else None,
+    }
+    table = first_last_table(trainer.state.log_history, eval_pairs, metrics)
+    print(finished(summary["wall_time_s"], summary["peak_rss_mib"], args.output_dir, table, estimated_peak_mib),
+          flush=True)
+    return summary
+
+
 def train(argv: list[str], command: str = "train"):
     """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
     and a summary (wall time, peak RSS, dropped pairs, the memory plan, the curves' path), which is also printed."""
-    from ..data import load_preference_dataset
-
     if command == "train-online":
         from ..online import OnlineDPOTrainer as trainer_class
     else:
         from ..train import DPOTrainer as trainer_class
 
     script, args = parse_train_args(argv, command)
-    # fastdpo's progress at INFO; other libraries' INFO chatter (accelerate on every evaluation) stays out
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("fastdpo").setLevel(logging.INFO)
-    # peft reads transformers' deprecated alias itself; nothing a user can change
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    start = time.perf_counter()
-    # The data first: a mistyped path or a broken file fails before minutes of model loading.
-    train_ds, eval_ds = load_preference_dataset(
-        script.dataset, split=script.dataset_split, eval_split=script.eval_split,
-        eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed,
-    )
+    start = begin_run()
+    train_ds, eval_ds = load_data(script, args)
     # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
     set_seed(args.seed, deterministic=args.full_determinism)
     tokenizer, model, ref_model = load_policy(script, args)
@@ -93,21 +126,5 @@ def train(argv: list[str], command: str = "train"):
     # train-online has no eval split (parse_train_args refuses one), so eval_ds is None there
     trainer = trainer_class(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer)
-    drops = getattr(trainer, "drop_reports", {})   # online DPO tokenises prompts only: nothing is dropped
-    for split, report in drops.items():
-        print(f"[fastdpo] {split}: {report}", flush=True)
-    trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
-    trainer.save_model()
-    trainer.save_state()     # trainer_state.json: the metric history, also without checkpoints
-    summary = {
-        "wall_time_s": time.perf_counter() - start,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "estimated_peak_mib": plan.estimate / 2**20,
-        "drops": drops,
-        "output_dir": args.output_dir,
-        "curves": curves_after_training(args.output_dir) if trainer.is_world_process_zero() else None,
-    }
-    table = first_last_table(trainer.state.log_history, len(trainer.eval_dataset) if trainer.eval_dataset else None)
-    print(finished(summary["wall_time_s"], summary["peak_rss_mib"], args.output_dir, table,
-                   summary["estimated_peak_mib"]), flush=True)
-    return trainer, summary
+    eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset else None
+    return trainer, finish_run(trainer, args, start, eval_pairs=eval_pairs, estimated_peak_mib=plan.estimate / 2**20)

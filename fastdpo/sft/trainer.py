@@ -5,11 +5,10 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from transformers import Trainer
 
 from ..data import PackedBatch
-from ..data.packing import IndexedPairs
 from ..data.sft import BestFitBatchSampler, pack_sequences, sequence_length, tokenize_sft
 from ..models import is_peft
 from ..train.forward import _label_logps
@@ -71,28 +70,13 @@ class SFTTrainer(PackedTrainerMixin, Trainer):
             num_proc=args.dataset_num_proc)
         return tokenized
 
-    def _loader(self, dataset, *, shuffle: bool, batch_size: int) -> DataLoader:
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+    def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
         if self.args.packing:
             lengths = [sequence_length(row) for row in dataset.select_columns(["input_ids"])]
-            sampler = BestFitBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
-        else:
-            order = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle \
-                else SequentialSampler(dataset)
-            sampler = BatchSampler(order, batch_size, drop_last=False)
-        loader = DataLoader(IndexedPairs(dataset), batch_sampler=sampler, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
-        return self.accelerator.prepare(loader)
-
-    def get_train_dataloader(self) -> DataLoader:
-        self.metrics.restart_clock()   # tokens/s counts training time, not setup
-        return self._loader(self.train_dataset, shuffle=True, batch_size=self.args.per_device_train_batch_size)
-
-    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, str):
-            dataset = self.eval_dataset[dataset]
-        return self._loader(dataset, shuffle=False, batch_size=self.args.per_device_eval_batch_size)
+            return BestFitBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else SequentialSampler(dataset)
+        return BatchSampler(order, batch_size, drop_last=False)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimiser step and their loss tokens over all processes (which each

@@ -9,11 +9,10 @@ from functools import partial
 import datasets
 import torch
 from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import TokenBudgetBatchSampler, pack_pairs, pair_length, tokenize_pairs
-from ..data.packing import REF_COLUMNS, IndexedPairs
+from ..data.packing import REF_COLUMNS
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
 from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
@@ -79,23 +78,9 @@ class DPOTrainer(PreferenceTrainer):
         self.drop_reports[split] = report
         return tokenized
 
-    def _packed_loader(self, dataset, *, shuffle: bool) -> DataLoader:
+    def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int) -> TokenBudgetBatchSampler:
         lengths = [pair_length(row, self.prefix_sharing) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
-        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle,
-                                          seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-        loader = DataLoader(IndexedPairs(dataset), batch_sampler=sampler, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
-        return self.accelerator.prepare(loader)
-
-    def get_train_dataloader(self) -> DataLoader:
-        self.metrics.restart_clock()   # tokens/s counts training time, not setup
-        return self._packed_loader(self.train_dataset, shuffle=True)
-
-    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, str):
-            dataset = self.eval_dataset[dataset]
-        return self._packed_loader(dataset, shuffle=False)
+        return TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
 
     # ------------------------------------------------------- precomputed reference
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
