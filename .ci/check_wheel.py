@@ -20,7 +20,6 @@ def dotted(path: Path, root: Path, package: str) -> str:
 
 
 expected = {dotted(p, repo / "fastdpo", "fastdpo") for p in (repo / "fastdpo").rglob("*.py")}
-expected |= {dotted(p, repo / "kernels", "fastdpo.kernels") for p in (repo / "kernels").glob("*.py")}
 installed = {m.name for m in pkgutil.walk_packages(fastdpo.__path__, "fastdpo.")} | {"fastdpo"}
 missing = sorted(expected - installed)
 if missing:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastdpo"
@@ -18,7 +17,6 @@ HEAVY = ("transformers", "datasets", "peft", "bitsandbytes", "accelerate", "trl"
 
 
 def _sources():
-    yield from ((p, "kernels") for p in (ROOT / "kernels").glob("*.py"))
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
         if parts[0] not in ("__init__", "__main__"):
@@ -49,11 +47,8 @@ def _imported_layers(source: str, module: str, depth: int) -> set[str]:
 
 
 def _violations(path: Path, layer: str) -> list[str]:
-    if layer == "kernels":
-        module, depth = "kernels." + path.stem, 1
-    else:
-        parts = path.relative_to(PACKAGE).with_suffix("").parts
-        module, depth = ".".join(parts), len(parts) - (0 if parts[-1] == "__init__" else 1)
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    module, depth = ".".join(parts), len(parts) - (0 if parts[-1] == "__init__" else 1)
     return [f"{module} ({layer}) imports {other}" for other in _imported_layers(path.read_text(), module, depth)
             if RANKS[other] > RANKS[layer]]
 
@@ -85,12 +80,21 @@ def test_modules_stay_short():
     assert not long, f"modules over 300 lines of code: {long}"
 
 
-def test_every_package_is_in_the_wheel_and_documented():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    on_disk = {".".join(("fastdpo", *p.parent.relative_to(PACKAGE).parts)) for p in PACKAGE.rglob("__init__.py")}
-    assert listed == on_disk | {"fastdpo.kernels"}
-    for init in [*PACKAGE.rglob("__init__.py"), ROOT / "kernels" / "__init__.py"]:
+def test_every_package_is_a_regular_package_and_documented():
+    """An ``__init__.py`` in every folder of modules (setuptools' find would drop a namespace folder from the
+    wheel), with a docstring."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file())
+    assert not missing, f"folders without __init__.py: {missing}"
+    for init in PACKAGE.rglob("__init__.py"):
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init} has no docstring"
+
+
+def test_no_top_level_package_shadows_an_installed_one():
+    """Only fastdpo/ is importable from the repository root: a top-level ``kernels/`` once shadowed Hugging Face's
+    ``kernels`` for every ``python -m`` started there (transformers imports it)."""
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == ["fastdpo"], packages
 
 
 @pytest.mark.parametrize("name", ["DPOConfig", "DPOTrainer", "OnlineDPOConfig", "OnlineDPOTrainer", "dpo_loss",
@@ -99,3 +103,15 @@ def test_public_names_resolve(name):
     import fastdpo
 
     assert getattr(fastdpo, name) is not None and name in dir(fastdpo)
+
+
+def test_commands_run_from_the_repository_root():
+    """``python -m fastdpo train`` from the root, beside Hugging Face's ``kernels``, which transformers' trainer imports
+    (a dependency of transformers 5.2x; the 2-process launch from the root is ``tests/train/test_distributed.py``)."""
+    code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    origin = found.stdout.strip()
+    assert origin == "None" or not Path(origin).is_relative_to(ROOT), origin
+    proc = subprocess.run([sys.executable, "-m", "fastdpo", "train", "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "--model" in proc.stdout, proc.stderr[-2000:]

@@ -24,7 +24,7 @@ def rows(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "fastdpo.kernels.aot", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=900,
-                          cwd=out.parent)   # not the repository: `-m` would import its fastdpo/, which has no kernels/
+                          cwd=out.parent)
     assert out.exists(), proc.stderr[-3000:]
     return json.loads(out.read_text()), proc
 

@@ -6,7 +6,7 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import datasets
 import pytest
@@ -18,9 +18,7 @@ from fastdpo import OnlineDPOConfig, OnlineDPOTrainer, cli, dpo_loss
 from fastdpo.data import tokenize_prompts
 from fastdpo.online.judges import PairwiseJudge, RewardModelScorer, parse_verdict, rank_by_scores, render_prompt
 
-# Not the repository root: `python -m` puts the working directory on sys.path, where kernels/ would shadow
-# Hugging Face's `kernels` package.
-CWD = tempfile.gettempdir()
+CWD = Path(__file__).resolve().parents[2]   # the repository root, where a user runs the commands
 ONLINE_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
                   "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
                   "val/contain_eos_token", "beta")

@@ -6,14 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from _shared import write_tiny_run
 
-CWD = tempfile.gettempdir()   # not the repository root, whose kernels/ would shadow Hugging Face's `kernels`
+CWD = Path(__file__).resolve().parents[2]   # the repository root, where a user runs the commands
 LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no"]
 

@@ -6,16 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from _shared import write_tiny_run
 
-# Not the repository root: `python -m` puts the working directory on sys.path, where kernels/ would
-# shadow Hugging Face's `kernels` package for the libraries that probe for it.
-CWD = tempfile.gettempdir()
+CWD = Path(__file__).resolve().parents[2]   # the repository root, where a user runs the commands
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher not installed")
 

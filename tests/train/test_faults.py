@@ -5,16 +5,14 @@ import json
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from _shared import write_tiny_run
 
-# Not the repository root: `python -m` puts the working directory on sys.path, where kernels/ would
-# shadow Hugging Face's `kernels` package for the libraries that probe for it.
-CWD = tempfile.gettempdir()
+CWD = Path(__file__).resolve().parents[2]   # the repository root, where a user runs the commands
 
 STEPS = 30
 
