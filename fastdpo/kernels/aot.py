@@ -39,11 +39,16 @@ KERNELS = {
                     "COMPUTE_DW": (True, False), "COMPUTE_DB": (True, False)}),
     "_indexed_dot_kernel": ("indexed_dot", None, ("H", "W", "B"),
                             dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP"), (False, True))),
+    "_update_lse_kernel": ("logit_chunks", None, ("B",),
+                           dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP", "EXP_LOGIT", "LSE_2Z", "SUM_LOGIT", "MAX_OTHER"),
+                                         (False, True))),
+    "_logits_grad_kernel": ("logit_chunks", None, ("B", "DZ"), dict.fromkeys(("HAS_BIAS", "HAS_SOFTCAP"), (False, True))),
     "_logits_forward_kernel": ("logits_logps", None, ("X",), {}),
     "_logits_backward_kernel": ("logits_logps", None, ("X", "DX"), {}),
 }
 #: Launch constants of the kernels that have no TileConfig (see their launchers).
 FIXED = {"_indexed_dot_kernel": ({"BLOCK_N": 16, "BLOCK_D": 128}, 4),
+         **dict.fromkeys(("_update_lse_kernel", "_logits_grad_kernel"), ({"BLOCK_M": 4, "BLOCK_V": 1024}, 4)),
          "_logits_forward_kernel": ({"BLOCK_V": 4096}, 8), "_logits_backward_kernel": ({"BLOCK_V": 4096}, 16)}
 
 
@@ -165,9 +170,19 @@ def _mma_kind(ptx: str) -> str:
     return next((kind for kind in ("wgmma", "tcgen05.mma", "mma.sync") if kind in ptx), "fma")
 
 
+def compile_or_error(v: Variant) -> dict:
+    """``compile_variant``'s row, or the variant with ``error``: a compiler failure in one variant (an MLIR pass that
+    rejects it raises ``PassManager::run failed``) must not hide the other rows."""
+    try:
+        return compile_variant(v)
+    except Exception as exc:
+        lines = str(exc).strip().splitlines() or [""]
+        return {**asdict(v), "flags": dict(v.flags), "error": f"{type(exc).__name__}: {lines[-1][:300]}"}
+
+
 def run(full: bool = False, workers: int = 2) -> list[dict]:
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_variant, variants(full)))
+        return list(pool.map(compile_or_error, variants(full)))
 
 
 def problems(rows: list[dict]) -> list[str]:
@@ -176,6 +191,9 @@ def problems(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         where = f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['flags']}"
+        if "error" in r:
+            out.append(f"{where}: does not compile: {r['error']}")
+            continue
         if r["stack"] or r["spill_ops"]:
             out.append(f"{where}: {r['stack']} stack bytes, {r['spill_ops']} STL/LDL")
         if r["shared"] > SMEM_LIMIT[r["arch"]]:
@@ -187,7 +205,7 @@ def markdown(rows: list[dict]) -> str:
     """Worst case over the flag combinations per kernel x dtype x target, at the default config."""
     worst = {}
     for r in rows:
-        if r["default"]:
+        if r["default"] and "error" not in r:
             tf32 = r["flags"].get("DOT_PRECISION") == "tf32"
             key = (r["kernel"], r["dtype"] + (" tf32" if tf32 else ""), r["arch"])
             w = worst.setdefault(key, {**r, "variants": 0})
@@ -206,7 +224,11 @@ def markdown(rows: list[dict]) -> str:
     for (kernel, dtype, arch), w in sorted(worst.items()):
         lines.append(f"| `{kernel}` | {dtype} | sm_{arch} | {w['config'] or 'fixed'} | {w['variants']} | {w['regs']} "
                      f"| {w['stack']} | {w['spill_ops']} | {w['shared']} | {w['mma']} |")
-    alts = [r for r in rows if not r["default"]]
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", f"Variants the compiler rejects ({len(failed)}):", ""]
+        lines += [f"- `{r['kernel']}` {r['dtype']} sm_{r['arch']} {r['flags']}: {r['error']}" for r in failed]
+    alts = [r for r in rows if not r["default"] and "error" not in r]
     if alts:
         lines += ["", f"Autotune candidates: {len(alts)} compiled, "
                   f"{sum(1 for r in alts if r['stack'])} spill."]

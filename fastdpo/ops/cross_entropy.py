@@ -25,7 +25,7 @@ def linear_cross_entropy(
     shift: bool | int = False,
     logit_scale: float = 1.0,
     softcap: float | None = None,
-    filter_eps: float | str | None = "auto",
+    filter_eps: float | str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Cross-entropy ``-log softmax(transform(hidden @ weight.T + bias))[target]`` without the [N, V] logits:
@@ -41,7 +41,8 @@ def linear_cross_entropy(
             (next-token prediction from unshifted labels); needs ``hidden`` of shape [..., T, H].
         logit_scale, softcap: the logit transform, as ``linear_logps`` (softcap is CCE's).
         filter_eps: CCE's gradient filtering, passed to ``linear_logps``: ``"auto"`` (bf16/fp16: dtype eps / 32;
-            fp32: exact), a float threshold, or None (exact).
+            fp32: exact), a float threshold, or None (exact; CCE's default is ``"auto"``, here exact because the
+            default CUDA backend cannot skip the work filtering drops).
         backend: as ``linear_logps``.
 
     Returns:

@@ -1,14 +1,19 @@
-"""Picks the implementation behind the fused ops: the Triton kernels or the PyTorch tiles.
+"""Picks the implementation behind the fused ops.
 
-``auto`` (the default) takes the Triton kernels for CUDA tensors when Triton imports, and the
-PyTorch path otherwise; on CUDA it stays on Triton until a GPU measurement (``benchmarks/gpu_check.py``)
-shows the PyTorch path faster somewhere. ``FASTDPO_BACKEND=triton|torch|auto`` or an explicit ``backend=``
-argument overrides it; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before Triton is imported
-(that is how the tests run the kernels without a GPU). Both backends are deterministic: the Triton backward
-has no atomics (each program owns the gradient rows it writes) and the PyTorch path has a fixed reduction
-order, so ``deterministic=True`` (passed to the backends, or ``torch.use_deterministic_algorithms(True)``) keeps the
-choice and only turns off the launch-config autotune (``FASTDPO_AUTOTUNE``), whose pick could differ between
-processes.
+* ``chunked`` (``fastdpo.ops.chunked_backend``): vocabulary chunks through cuBLAS GEMMs and Triton row kernels, exact;
+  the GEMMs run at the tensor cores' rate, so the step stays near its 8·N·H·V FLOP floor
+  (``benchmarks/results/roofline.md``).
+* ``triton`` (``fastdpo.kernels``): the fused Triton kernels (the projection inside the kernels, no logit tile in
+  memory); the path for gradient filtering, which skips whole tiles of their products.
+* ``torch`` (``fastdpo.ops.torch_backend``): the chunked path with PyTorch row steps; CPUs, devices without Triton.
+
+The rule (``auto``, the default): CUDA tensors take ``triton`` when gradient filtering is asked for
+(``filter_eps``) and ``chunked`` otherwise, when Triton imports; everything else takes ``torch``.
+``FASTDPO_BACKEND=chunked|triton|torch|auto`` or an explicit ``backend=`` overrides it; the Triton backends on CPU
+tensors need ``TRITON_INTERPRET=1`` set before Triton is imported (that is how the tests run them without a GPU).
+Every backend is deterministic (a fixed reduction order; the Triton backward has no atomics), so
+``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) keeps the choice and only turns off the
+launch-config autotune (``FASTDPO_AUTOTUNE``), whose pick could differ between processes.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ import torch
 from . import torch_backend
 from .transform import LogitTransform
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "chunked", "triton", "torch")
 
 
 class Backend(Protocol):
-    """What ``fastdpo.kernels`` (Triton) and ``fastdpo.ops.torch_backend`` (PyTorch) both implement; no autograd.
+    """What every backend implements (``fastdpo.kernels`` is one); no autograd.
 
     ``linear_forward``: hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 in [0, V) ->
     (label_logit [N] fp32, lse [N] fp32, {primitive: [N] fp32}) of the transformed logits.
@@ -57,25 +62,34 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def select(device: torch.device, backend: str | None = None) -> Backend:
-    """The backend (``fastdpo.kernels`` or ``fastdpo.ops.torch_backend``) for tensors on ``device``.
+def select(device: torch.device, backend: str | None = None, filtering: bool = False) -> Backend:
+    """The backend for tensors on ``device`` (see the module docstring); ``filtering``: gradient filtering is on.
 
     Raises:
-        ValueError: unknown backend name, or ``triton`` where it cannot run.
+        ValueError: unknown backend name, or a Triton backend where it cannot run.
     """
     name = backend or os.environ.get("FASTDPO_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        name = "torch"
+        if device.type == "cuda" and _triton_available():
+            name = "triton" if filtering or torch.__version__ < (2, 8) else "chunked"
     if name == "torch":
         return torch_backend
     if not _triton_available():
-        raise ValueError("backend='triton' requested but triton is not installed")
+        raise ValueError(f"backend={name!r} requested but triton is not installed")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        raise ValueError(f"backend={name!r} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' does not run on {device.type} tensors")
+        raise ValueError(f"backend={name!r} does not run on {device.type} tensors")
+    if name == "chunked":
+        if device.type == "cuda" and torch.__version__ < (2, 8):
+            raise ValueError("backend='chunked' needs torch >= 2.8 on CUDA (16-bit GEMMs with fp32 outputs, "
+                             f"torch.mm(out_dtype=)); this is {torch.__version__}: use backend='triton'")
+        from . import chunked_backend
+
+        return chunked_backend
     from .. import kernels
 
     return kernels

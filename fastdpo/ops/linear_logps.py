@@ -41,7 +41,11 @@ def _scatter(n: int, rows: torch.Tensor, values: torch.Tensor, all_rows: bool) -
 
 
 def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
-    """The gradient-filtering threshold of ``linear_logps``'s ``filter_eps`` for ``dtype``; None means exact."""
+    """The gradient-filtering threshold of ``linear_logps``'s ``filter_eps`` for ``dtype``; None means exact.
+
+    Raises:
+        ValueError: not ``"auto"``, None or a finite number >= 0.
+    """
     if filter_eps == "auto":
         return torch.finfo(dtype).eps / 32 if dtype in (torch.bfloat16, torch.float16) else None
     if filter_eps is None:
@@ -114,7 +118,7 @@ def linear_logps(
     stats: tuple[str, ...] | list[str] = (),
     backend: str | None = None,
     deterministic: bool = False,
-    filter_eps: float | str | None = "auto",
+    filter_eps: float | str | None = None,
 ):
     """Per-token ``log softmax(transform(hidden @ weight.T + bias))[label]`` without the [N, V] logits.
 
@@ -135,16 +139,18 @@ def linear_logps(
             ``"mean_logit"`` (mean transformed logit over the vocabulary) and ``"is_argmax"``
             (bool: the label's logit is the largest). They are 0 / False at ignored positions and
             are not differentiable.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``;
-            default from ``FASTDPO_BACKEND``. See ``fastdpo.ops.dispatch``.
-        deterministic: bitwise reproducible results. Both backends are (the Triton backward has no
-            atomics, the PyTorch path a fixed reduction order); this also keeps the Triton launch configs
-            fixed (no ``FASTDPO_AUTOTUNE``). The backend choice is unchanged.
-        filter_eps: gradient filtering (Cut Cross-Entropy's argument, Wijmans et al. 2025): the Triton
-            backward drops the softmax part of a [tokens x vocabulary] tile whose probabilities are all
-            below it and skips the tile's products when it holds no label; the label (one-hot) part stays
-            exact. ``"auto"``: ``finfo(dtype).eps / 32`` for bf16/fp16 (CCE's value), exact for fp32;
-            ``None`` or 0: exact. The PyTorch backend always computes exactly.
+        backend: ``"auto"`` (CUDA: ``"chunked"``, or ``"triton"`` when filtering; PyTorch elsewhere),
+            ``"chunked"``, ``"triton"`` or ``"torch"``; default from ``FASTDPO_BACKEND``. See
+            ``fastdpo.ops.dispatch``.
+        deterministic: bitwise reproducible results. Every backend is (fixed reduction orders, no
+            atomics); this also keeps the Triton launch configs fixed (no ``FASTDPO_AUTOTUNE``). The
+            backend choice is unchanged.
+        filter_eps: gradient filtering (Cut Cross-Entropy's argument, Wijmans et al. 2025), on the
+            ``"triton"`` backend only (``"auto"`` picks it on CUDA): its backward drops the softmax part
+            of a [tokens x vocabulary] tile whose probabilities are all below it and skips the tile's
+            products when it holds no label; the label (one-hot) part stays exact. ``"auto"``:
+            ``finfo(dtype).eps / 32`` for bf16/fp16 (CCE's value), exact for fp32; ``None`` (the
+            default; CCE's is ``"auto"``) or 0: exact. The other backends always compute exactly.
 
     Returns:
         [N] float32 log-probabilities (<= 0), exactly 0.0 where ``labels == ignore_index``. With
@@ -183,8 +189,8 @@ def linear_logps(
     if unknown:
         raise ValueError(f"unknown stats {unknown}; choose from {list(STATS)}")
     transform = LogitTransform(logit_scale, softcap, temperature)
-    impl = dispatch.select(hidden.device, backend)
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
+    impl = dispatch.select(hidden.device, backend, filtering=eps is not None)
     rows = valid_positions(labels, ignore_index, weight.shape[0])
 
     outs = _LinearLogps.apply(

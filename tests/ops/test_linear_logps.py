@@ -1,4 +1,4 @@
-"""linear_logps against its float64 definition: forward and every gradient, both backends."""
+"""linear_logps against its float64 definition: forward and every gradient, every backend."""
 
 import importlib.util
 import itertools
@@ -8,10 +8,13 @@ import torch
 
 import fastdpo
 from _reference import TOL, linear_logps64, random_inputs, rel_err, stats64
-from fastdpo.ops import torch_backend
+from fastdpo.ops import chunked
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+TRITON_BACKENDS = [pytest.param(b, marks=needs_triton) for b in ("chunked", "triton")]
+#: Scratch for 300 fp32 logits: 2 tokens x 128 vocabulary rows a tile, so many token tiles and vocabulary chunks.
+TINY_SCRATCH = {"cpu": 4 * 300, "cuda": 4 * 300}
 
 
 def check_against_reference(n, h, v, dtype, backend, *, seed, bias=False, ignore_frac=0.0, stats=(), scale=1.0,
@@ -57,12 +60,30 @@ def test_torch_half_shapes(n, h, v, dtype):
     check_against_reference(n, h, v, dtype, "torch", seed=v + n, bias=True, ignore_frac=0.3)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("chunked", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_many_tiles(monkeypatch, dtype):
-    """Tiles far smaller than the problem: token and vocabulary chunks, online lse across chunks."""
-    monkeypatch.setattr(torch_backend, "TILE_ELEMENTS", 300)
-    check_against_reference(37, 65, 1000, dtype, "torch", seed=3, bias=True, ignore_frac=0.2,
+def test_many_chunks_and_token_tiles(monkeypatch, backend, dtype):
+    """Tiles far smaller than the problem: token tiles and vocabulary chunks (a partial last one), the online lse
+    across chunks, d hidden summed over chunks and d weight over token tiles."""
+    monkeypatch.setattr(chunked, "SCRATCH_BYTES", TINY_SCRATCH)
+    monkeypatch.setattr(chunked, "MIN_CHUNK", 128)
+    assert chunked.chunk_plan(37, 1000, 65, TINY_SCRATCH["cpu"]) == chunked.ChunkPlan(n_tile=1, v_chunk=128)
+    check_against_reference(37, 65, 1000, dtype, backend, seed=3, bias=True, ignore_frac=0.2,
                             stats=tuple(fastdpo.STATS), softcap=3.0, logit_scale=1.5)
+
+
+@pytest.mark.parametrize("n,v,scratch,plan", [
+    (8192, 128256, 64 << 20, (8192, 2048)),     # the Llama-3 head on CUDA: all tokens in one tile, 63 chunks
+    (16384, 128256, 64 << 20, (16384, 1024)),
+    (32768, 128256, 64 << 20, (12288, 1024)),   # tokens tiled; 16 MiB of the 64 go to the fp32 d weight chunk
+    (300, 1000, 64 << 20, (300, 1000)),         # one chunk
+    (1, 5, 4, (1, 5)),
+])
+def test_chunk_plan(n, v, scratch, plan):
+    got = chunked.chunk_plan(n, v, 4096, scratch)
+    assert (got.n_tile, got.v_chunk) == plan
+    tiled = got.n_tile < n
+    assert got.v_chunk == v or got.n_tile * got.v_chunk * 4 + tiled * 4096 * got.v_chunk * 4 <= scratch
 
 
 @pytest.mark.parametrize("transform", [
@@ -138,7 +159,7 @@ def test_upstream_gradient_of_any_layout():
     assert rel_err(hidden.grad, ref_h.grad) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", *TRITON_BACKENDS])
 def test_deterministic_bitwise(backend):
     n, v = (64, 1000) if backend == "torch" else (33, 150)
     hidden, weight, b, labels, upstream = random_inputs(n, 65, v, torch.float32, seed=10, bias=True)
@@ -160,17 +181,17 @@ def test_autocast_runs_in_autocast_dtype():
 
 
 # ---------------------------------------------------- Triton kernels under the interpreter (small)
-@needs_triton
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,h,v", [(1, 8, 1), (7, 65, 17), (37, 65, 200), (18, 8, 129)])
-def test_triton_shapes(n, h, v, dtype):
-    check_against_reference(n, h, v, dtype, "triton", seed=n + h + v, bias=(n % 2 == 1), ignore_frac=0.2)
+def test_triton_shapes(n, h, v, dtype, backend):
+    check_against_reference(n, h, v, dtype, backend, seed=n + h + v, bias=(n % 2 == 1), ignore_frac=0.2)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("transform", [{"softcap": 2.0}, {"logit_scale": 2.0, "softcap": 5.0, "temperature": 1.3}])
-def test_triton_transforms_and_stats(transform):
-    check_against_reference(21, 40, 150, torch.float32, "triton", seed=13, bias=True, ignore_frac=0.2,
+def test_triton_transforms_and_stats(transform, backend):
+    check_against_reference(21, 40, 150, torch.float32, backend, seed=13, bias=True, ignore_frac=0.2,
                             scale=4.0, stats=tuple(fastdpo.STATS), **transform)
 
 
