@@ -1,4 +1,5 @@
-"""The Triton kernels on a real GPU at full model size, and an FSDP2 launch (skipped without CUDA)."""
+"""The CUDA backends (chunked: cuBLAS + Triton row kernels; triton: the fused kernels) on a real GPU at full model
+size against float64, and an FSDP2 launch (skipped without CUDA)."""
 
 import json
 import shutil
@@ -32,17 +33,19 @@ def chunked_reference(hidden, weight, labels, upstream, bias=None, chunk=1024, *
     return torch.cat(outs), torch.cat(dh), w64.grad, (b64.grad if b64 is not None else None)
 
 
-@pytest.mark.parametrize("dtype,n,h,v", [
-    (torch.bfloat16, 8192, 4096, 128256),     # Llama-3-8B head, a full micro-batch
-    (torch.bfloat16, 1, 576, 49152),          # one token: the vocabulary-split launch
-    (torch.float16, 300, 576, 49152),
-    (torch.float32, 1000, 896, 151936),       # Qwen2.5-0.5B head, fp32 (IEEE products unless TF32 is on)
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("dtype,n,h,v,scale", [
+    (torch.bfloat16, 8192, 4096, 128256, 1.0),    # Llama-3-8B head, a full micro-batch
+    (torch.bfloat16, 2048, 4096, 128256, 8.0),    # peaked logits (|z| up to ~60): where bf16 logits would fail
+    (torch.bfloat16, 1, 576, 49152, 1.0),         # one token: the vocabulary-split launch
+    (torch.float16, 300, 576, 49152, 1.0),
+    (torch.float32, 1000, 896, 151936, 1.0),      # Qwen2.5-0.5B head, fp32 (IEEE products unless TF32 is on)
 ])
-def test_triton_against_float64(dtype, n, h, v):
+def test_against_float64(backend, dtype, n, h, v, scale):
     hidden, weight, bias, labels, upstream = random_inputs(n, h, v, dtype, seed=n, bias=(n == 300),
-                                                           ignore_frac=0.1, device="cuda")
+                                                           ignore_frac=0.1, device="cuda", scale=scale)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-    out = fastdpo.linear_logps(leaves[0], leaves[1], labels, *leaves[2:], backend="triton", softcap=30.0)
+    out = fastdpo.linear_logps(leaves[0], leaves[1], labels, *leaves[2:], backend=backend, softcap=30.0)
     (out * upstream).sum().backward()
     ref, dh, dw, db = chunked_reference(hidden, weight, labels, upstream, bias, softcap=30.0)
     tol = TOL[dtype]
@@ -53,15 +56,32 @@ def test_triton_against_float64(dtype, n, h, v):
         assert rel_err(leaves[2].grad, db) <= tol
 
 
-@pytest.mark.parametrize("filter_eps", ["auto", None])
-def test_triton_deterministic_and_filtered_on_gpu(filter_eps):
-    """The atomic-free backward: bitwise equal across two runs at a Llama-3-sized head, filtered or exact,
-    and within bf16 tolerance of float64 either way."""
+@pytest.mark.parametrize("frozen", [False, True])
+def test_chunked_token_tiles_and_frozen_head(monkeypatch, frozen):
+    """Tokens tiled (8 MiB of scratch: 1024 tokens x 1024 vocabulary rows, d weight summed over 4 tiles in fp32),
+    and a frozen head (no d weight) on the default path."""
+    from fastdpo.ops import chunked
+
+    monkeypatch.setitem(chunked.SCRATCH_BYTES, "cuda", 8 << 20)
+    assert chunked.chunk_plan(4096, 128256, 4096, 8 << 20) == chunked.ChunkPlan(1024, 1024)
+    hidden, weight, _, labels, upstream = random_inputs(4096, 4096, 128256, torch.bfloat16, seed=6, device="cuda")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen)
+    out = fastdpo.linear_logps(h, w, labels)
+    (out * upstream).sum().backward()
+    ref, dh, dw, _ = chunked_reference(hidden, weight, labels, upstream)
+    assert rel_err(out, ref) <= 1e-2 and rel_err(h.grad, dh) <= 1e-2
+    assert w.grad is None if frozen else rel_err(w.grad, dw) <= 1e-2
+
+
+@pytest.mark.parametrize("backend,filter_eps", [("chunked", None), ("triton", "auto"), ("triton", None)])
+def test_deterministic_and_filtered_on_gpu(backend, filter_eps):
+    """Bitwise equal across two runs at a Llama-3-sized head (the chunked path's fixed chunk order, the fused
+    backward's owned rows), filtered or exact, and within bf16 tolerance of float64 either way."""
     hidden, weight, _, labels, upstream = random_inputs(2048, 4096, 128256, torch.bfloat16, seed=5, device="cuda")
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
-        out = fastdpo.linear_logps(*leaves, labels, backend="triton", deterministic=True, filter_eps=filter_eps)
+        out = fastdpo.linear_logps(*leaves, labels, backend=backend, deterministic=True, filter_eps=filter_eps)
         (out * upstream).sum().backward()
         runs.append([out.detach(), leaves[0].grad, leaves[1].grad])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -70,9 +90,10 @@ def test_triton_deterministic_and_filtered_on_gpu(filter_eps):
         assert rel_err(got, want) <= TOL[torch.bfloat16]
 
 
-def test_triton_stats_on_gpu():
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_stats_on_gpu(backend):
     hidden, weight, _, labels, _ = random_inputs(513, 576, 49152, torch.bfloat16, seed=3, device="cuda")
-    _, got = fastdpo.linear_logps(hidden, weight, labels, backend="triton", stats=tuple(fastdpo.STATS))
+    _, got = fastdpo.linear_logps(hidden, weight, labels, backend=backend, stats=tuple(fastdpo.STATS))
     _, want = fastdpo.linear_logps(hidden, weight, labels, backend="torch", stats=tuple(fastdpo.STATS))
     for name in fastdpo.STATS:
         if name == "is_argmax":
