@@ -32,7 +32,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_demote_bnb_probe)
 
 _EXPORTS = {
     "LogitTransform": "ops", "STATS": "ops", "get_batch_logps": "ops", "get_batch_logps_from_hidden": "ops",
-    "linear_logps": "ops", "logits_logps": "ops", "sequence_logps": "ops", "linear_cross_entropy": "ops",
+    "linear_logps": "ops", "linear_logps_with_stats": "ops", "LogpsWithStats": "ops", "logits_logps": "ops",
+    "sequence_logps": "ops", "linear_cross_entropy": "ops",
     "LOSS_TYPES": "losses", "LossSpec": "losses", "dpo_loss": "losses",
     "DPOConfig": "train", "DPOTrainer": "train",
     "OnlineDPOConfig": "online", "OnlineDPOTrainer": "online",

@@ -93,8 +93,8 @@ def test_deterministic_and_filtered_on_gpu(backend, filter_eps):
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_stats_on_gpu(backend):
     hidden, weight, _, labels, _ = random_inputs(513, 576, 49152, torch.bfloat16, seed=3, device="cuda")
-    _, got = fastdpo.linear_logps(hidden, weight, labels, backend=backend, stats=tuple(fastdpo.STATS))
-    _, want = fastdpo.linear_logps(hidden, weight, labels, backend="torch", stats=tuple(fastdpo.STATS))
+    _, got = fastdpo.linear_logps_with_stats(hidden, weight, labels, tuple(fastdpo.STATS), backend=backend)
+    _, want = fastdpo.linear_logps_with_stats(hidden, weight, labels, tuple(fastdpo.STATS), backend="torch")
     for name in fastdpo.STATS:
         if name == "is_argmax":
             assert (got[name] == want[name]).float().mean() > 0.99

@@ -19,7 +19,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from ..models.wrappers import causal_lm
-from ..ops import linear_logps
+from ..ops import linear_logps_with_stats
 
 #: TRL versions whose fused-head contract this module was checked against (see ``_check_contract``).
 SUPPORTED_TRL = SpecifierSet(">=1.16,<2")
@@ -39,9 +39,8 @@ class FastdpoLogProbFunction:
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=tuple(_TRL_OUTPUTS)):
         stats = tuple(_TRL_OUTPUTS[name] for name in _TRL_OUTPUTS if name in outputs)
-        result = linear_logps(hidden, weight, targets, bias, logit_scale=logit_scale,
-                              softcap=final_logit_softcapping, temperature=temperature, stats=stats)
-        logps, values = result if stats else (result, {})
+        logps, values = linear_logps_with_stats(hidden, weight, targets, stats, bias, logit_scale=logit_scale,
+                                                softcap=final_logit_softcapping, temperature=temperature)
         return (logps, *(values.get(_TRL_OUTPUTS[name]) for name in _TRL_OUTPUTS))
 
 

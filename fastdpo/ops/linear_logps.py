@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -105,6 +106,14 @@ class _LinearLogps(torch.autograd.Function):
         return dh, dw, db, *[None] * 7
 
 
+class LogpsWithStats(NamedTuple):
+    """``linear_logps_with_stats``' result: ``logps`` [N] fp32 as ``linear_logps`` returns them, and ``stats``,
+    {name: [N] tensor} for each statistic asked for (not differentiable)."""
+
+    logps: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
 def linear_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -115,11 +124,10 @@ def linear_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     temperature: float = 1.0,
-    stats: tuple[str, ...] | list[str] = (),
     backend: str | None = None,
     deterministic: bool = False,
     filter_eps: float | str | None = None,
-):
+) -> torch.Tensor:
     """Per-token ``log softmax(transform(hidden @ weight.T + bias))[label]`` without the [N, V] logits.
 
     The logit transform is applied in transformers' order: ``* logit_scale`` (Cohere), then
@@ -134,11 +142,6 @@ def linear_logps(
         bias: [V] LM-head bias, same dtype as weight, or None.
         ignore_index: label of positions that are skipped (no FLOPs) and get log-prob exactly 0.0.
         logit_scale, softcap, temperature: the logit transform (identity by default).
-        stats: per-token statistics to compute in the same sweep, any of
-            ``"entropy"`` (nats), ``"log_sum_p2"`` (log sum_v p_v^2, for WPO weights),
-            ``"mean_logit"`` (mean transformed logit over the vocabulary) and ``"is_argmax"``
-            (bool: the label's logit is the largest). They are 0 / False at ignored positions and
-            are not differentiable.
         backend: ``"auto"`` (CUDA: ``"chunked"``, or ``"triton"`` when filtering; PyTorch elsewhere),
             ``"chunked"``, ``"triton"`` or ``"torch"``; default from ``FASTDPO_BACKEND``. See
             ``fastdpo.ops.dispatch``.
@@ -153,16 +156,39 @@ def linear_logps(
             default; CCE's is ``"auto"``) or 0: exact. The other backends always compute exactly.
 
     Returns:
-        [N] float32 log-probabilities (<= 0), exactly 0.0 where ``labels == ignore_index``. With
-        ``stats``, a tuple ``(logps, {name: [N] tensor})``. Differentiable w.r.t. hidden, weight and
-        bias under any upstream gradient. NaN or inf in a row of ``hidden`` gives NaN in that row
-        only; NaN or inf in ``weight`` or ``bias`` reaches every row.
+        [N] float32 log-probabilities (<= 0), exactly 0.0 where ``labels == ignore_index``.
+        Differentiable w.r.t. hidden, weight and bias under any upstream gradient. NaN or inf in a row
+        of ``hidden`` gives NaN in that row only; NaN or inf in ``weight`` or ``bias`` reaches every row.
 
     Raises:
         ValueError: wrong rank, dtype, shape or device of any input; an empty weight; a label outside
-            [0, V) other than ``ignore_index``; an unknown statistic or backend; an invalid transform;
+            [0, V) other than ``ignore_index``; an unknown backend; an invalid transform;
             ``filter_eps`` not ``"auto"``, None or a finite number >= 0.
     """
+    return _linear_logps(hidden, weight, labels, bias, (), ignore_index=ignore_index, logit_scale=logit_scale,
+                         softcap=softcap, temperature=temperature, backend=backend, deterministic=deterministic,
+                         filter_eps=filter_eps).logps
+
+
+def linear_logps_with_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            stats: tuple[str, ...] | list[str], bias: torch.Tensor | None = None,
+                            **options) -> LogpsWithStats:
+    """``linear_logps`` and per-token statistics of the same distributions, from the same forward sweep.
+
+    Args:
+        stats: any of ``"entropy"`` (nats), ``"log_sum_p2"`` (log sum_v p_v^2, for WPO weights),
+            ``"mean_logit"`` (mean transformed logit over the vocabulary) and ``"is_argmax"`` (bool: the
+            label's logit is the largest); each [N], 0 / False at ignored positions, not differentiable.
+        hidden, weight, labels, bias, options: as ``linear_logps`` and its keyword arguments.
+
+    Raises:
+        ValueError: an unknown statistic, or as ``linear_logps``.
+    """
+    return _linear_logps(hidden, weight, labels, bias, tuple(stats), **options)
+
+
+def _linear_logps(hidden, weight, labels, bias, stats: tuple[str, ...], *, ignore_index=-100, logit_scale=1.0,
+                  softcap=None, temperature=1.0, backend=None, deterministic=False, filter_eps=None) -> LogpsWithStats:
     check_float("hidden", hidden, 2)
     check_float("weight", weight, 2)
     if weight.shape[0] == 0 or weight.shape[1] == 0:
@@ -184,7 +210,6 @@ def linear_logps(
         if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     check_labels(labels, (hidden.shape[0],), hidden.device)
-    stats = tuple(stats)
     unknown = [s for s in stats if s not in STATS]
     if unknown:
         raise ValueError(f"unknown stats {unknown}; choose from {list(STATS)}")
@@ -196,6 +221,4 @@ def linear_logps(
     outs = _LinearLogps.apply(
         hidden, weight, bias, labels.long(), rows, transform, stats, impl, eps, deterministic
     )
-    if not stats:
-        return outs[0]
-    return outs[0], dict(zip(stats, outs[1:]))
+    return LogpsWithStats(outs[0], dict(zip(stats, outs[1:])))

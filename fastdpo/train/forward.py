@@ -16,7 +16,7 @@ from ..data import PackedBatch
 from ..losses import check_ld_alpha
 from ..models import causal_lm
 from ..models.prefix_attention import attention_inputs
-from ..ops import linear_logps, sequence_logps
+from ..ops import linear_logps_with_stats, sequence_logps
 
 
 def logit_transform(config) -> dict:
@@ -59,9 +59,8 @@ def _label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
-    result = linear_logps(captured[-1][0, index], _gathered(head.weight), targets, _gathered(head.bias),
-                          stats=stats, **logit_transform(lm.config))
-    logps, stats = result if stats else (result, {})
+    logps, stats = linear_logps_with_stats(captured[-1][0, index], _gathered(head.weight), targets, stats,
+                                           _gathered(head.bias), **logit_transform(lm.config))
     return logps, stats, getattr(output, "aux_loss", None)
 
 

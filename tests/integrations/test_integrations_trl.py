@@ -49,12 +49,12 @@ def run_trl(tmp_path, *, patched, peft):
 @pytest.mark.parametrize("peft", [False, True])
 def test_patched_trl_dpo_trainer_matches_stock(tmp_path, monkeypatch, peft):
     calls = []
-    original = fastdpo_trl.linear_logps
-    monkeypatch.setattr(fastdpo_trl, "linear_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fastdpo_trl.linear_logps_with_stats
+    monkeypatch.setattr(fastdpo_trl, "linear_logps_with_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
     stock = run_trl(tmp_path, patched=False, peft=peft)
     assert not calls
     patched = run_trl(tmp_path, patched=True, peft=peft)
-    assert calls, "the patched trainer never reached fastdpo.linear_logps"
+    assert calls, "the patched trainer never reached fastdpo.linear_logps_with_stats"
     assert len(stock) == len(patched) == 5
     assert stock[-1]["loss"] != stock[0]["loss"]          # the trace moves: the comparison means something
     for a, b in zip(stock, patched):

@@ -24,8 +24,11 @@ def check_against_reference(n, h, v, dtype, backend, *, seed, bias=False, ignore
     inputs = [t.clone().requires_grad_() for t in (hidden, weight, b) if t is not None]
     ref_inputs = [t.double().requires_grad_() for t in (hidden, weight, b) if t is not None]
 
-    result = fastdpo.linear_logps(*inputs[:2], labels, *inputs[2:], backend=backend, stats=stats, **transform)
-    out, got_stats = result if stats else (result, {})
+    if stats:
+        out, got_stats = fastdpo.linear_logps_with_stats(*inputs[:2], labels, stats, *inputs[2:], backend=backend,
+                                                         **transform)
+    else:
+        out, got_stats = fastdpo.linear_logps(*inputs[:2], labels, *inputs[2:], backend=backend, **transform), {}
     (out * upstream).sum().backward()
     ref = linear_logps64(*ref_inputs[:2], labels, *ref_inputs[2:], **transform)
     (ref * upstream.double()).sum().backward()
@@ -209,7 +212,8 @@ def test_triton_vocab_splits_merge():
     assert rel_err(lse, torch.logsumexp(z, 1)) <= 1e-6
     assert rel_err(label_logit, z.gather(1, labels[:, None]).squeeze(1)) <= 1e-6
     want = stats64(hidden, weight, labels, b, softcap=3.0)
-    got = fastdpo.linear_logps(hidden, weight, labels, b, softcap=3.0, stats=tuple(fastdpo.STATS), backend="torch")[1]
+    got = fastdpo.linear_logps_with_stats(hidden, weight, labels, tuple(fastdpo.STATS), b, softcap=3.0,
+                                          backend="torch").stats
     merged = fastdpo.linear_logps.__globals__["_finalize_stats"](tuple(fastdpo.STATS), label_logit, lse, acc, 300)
     for name in fastdpo.STATS:
         if name == "is_argmax":

@@ -61,12 +61,16 @@ def test_bad_bias(bias, match):
     ({"temperature": 0.0}, "temperature must be a finite positive number"),
     ({"softcap": -1.0}, "softcap must be None or a finite positive number"),
     ({"logit_scale": float("nan")}, "logit_scale must be finite and non-zero"),
-    ({"stats": ("entropy", "perplexity")}, r"unknown stats \['perplexity'\]"),
     ({"backend": "cuda"}, "backend must be one of"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastdpo.linear_logps(*inputs(), **kwargs)
+
+
+def test_unknown_statistic():
+    with pytest.raises(ValueError, match=r"unknown stats \['perplexity'\]"):
+        fastdpo.linear_logps_with_stats(*inputs(), ("entropy", "perplexity"))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
