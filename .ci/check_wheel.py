@@ -1,29 +1,30 @@
-"""Checks the installed fastdpo (run from outside the source tree) against the repository: every module of the
-source tree is in it, and each imports. Arguments: the environment it must come from, the repository root."""
+"""Checks a built wheel against the repository: every module of the source tree is in the wheel, and each imports
+from where the wheel was installed. Arguments: the wheel file, the folder it was installed into (``pip install
+--target``, first on ``sys.path``), the repository root. Run from outside the source tree."""
 
 import importlib
-import pkgutil
 import sys
+import zipfile
 from pathlib import Path
 
-import fastdpo
-
-prefix, repo = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
-location = Path(fastdpo.__file__).resolve()
-if prefix not in location.parents:
-    raise SystemExit(f"fastdpo was imported from {location}, not from the wheel installed in {prefix}")
+wheel, target, repo = (Path(a).resolve() for a in sys.argv[1:4])
 
 
-def dotted(path: Path, root: Path, package: str) -> str:
-    parts = path.relative_to(root).with_suffix("").parts
-    return ".".join((package, *parts[:-1])) if parts[-1] == "__init__" else ".".join((package, *parts))
+def dotted(parts: tuple[str, ...]) -> str:
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-expected = {dotted(p, repo / "fastdpo", "fastdpo") for p in (repo / "fastdpo").rglob("*.py")}
-installed = {m.name for m in pkgutil.walk_packages(fastdpo.__path__, "fastdpo.")} | {"fastdpo"}
-missing = sorted(expected - installed)
+expected = {dotted(p.relative_to(repo).with_suffix("").parts) for p in (repo / "fastdpo").rglob("*.py")}
+shipped = {dotted(Path(n).with_suffix("").parts) for n in zipfile.ZipFile(wheel).namelist()
+           if n.startswith("fastdpo/") and n.endswith(".py")}
+missing = sorted(expected - shipped)
 if missing:
     raise SystemExit(f"the wheel lacks {len(missing)} module(s) of the source tree: {', '.join(missing)}")
-for name in sorted(installed - {"fastdpo.__main__"}):   # __main__ runs the command
-    importlib.import_module(name)
-print(f"wheel: all {len(installed)} modules of the source tree imported from {location.parent}")
+import fastdpo  # noqa: E402  (after the listing: an import error here is the installed package's, reported as such)
+
+location = Path(fastdpo.__file__).resolve()
+if target not in location.parents:
+    raise SystemExit(f"fastdpo was imported from {location}, not from the wheel installed in {target}")
+for name in sorted(shipped - {"fastdpo.__main__"}):   # __main__ runs the command
+    importlib.import_module(name)      # an ImportError propagates with its own message and traceback
+print(f"wheel: all {len(shipped)} modules of the source tree shipped and imported from {location.parent}")
