@@ -46,6 +46,8 @@ KERNELS = {
     "_logits_forward_kernel": ("logits_logps", None, ("X",), {}),
     "_logits_backward_kernel": ("logits_logps", None, ("X", "DX"), {}),
 }
+#: The modules of the fused backend (``backend="triton"``), which ``launch.fused_unsupported`` keeps off some targets.
+FUSED_MODULES = ("linear_lse_forward", "linear_backward", "indexed_dot")
 #: Launch constants of the kernels that have no TileConfig (see their launchers).
 FIXED = {"_indexed_dot_kernel": ({"BLOCK_N": 16, "BLOCK_D": 128}, 4),
          **dict.fromkeys(("_update_lse_kernel", "_logits_grad_kernel"), ({"BLOCK_M": 4, "BLOCK_V": 1024}, 4)),
@@ -185,11 +187,20 @@ def run(full: bool = False, workers: int = 2) -> list[dict]:
         return list(pool.map(compile_or_error, variants(full)))
 
 
+def never_launched(row: dict) -> str | None:
+    """Why the dispatch never launches this variant's kernel on its target with this Triton, or None."""
+    from .launch import fused_unsupported
+
+    return fused_unsupported(row["arch"]) if KERNELS[row["kernel"]][0] in FUSED_MODULES else None
+
+
 def problems(rows: list[dict]) -> list[str]:
-    """Why rows fail the check: a config (default or autotune candidate) that spills, or one over the target's
-    shared memory."""
+    """Why rows fail the check: a config (default or autotune candidate) that spills, one over the target's shared
+    memory, or one that does not compile, among the variants the dispatch can launch."""
     out = []
     for r in rows:
+        if never_launched(r):
+            continue
         where = f"{r['kernel']} {r['dtype']} sm_{r['arch']} {r['config']} {r['flags']}"
         if "error" in r:
             out.append(f"{where}: does not compile: {r['error']}")
@@ -205,7 +216,7 @@ def markdown(rows: list[dict]) -> str:
     """Worst case over the flag combinations per kernel x dtype x target, at the default config."""
     worst = {}
     for r in rows:
-        if r["default"] and "error" not in r:
+        if r["default"] and "error" not in r and not never_launched(r):
             tf32 = r["flags"].get("DOT_PRECISION") == "tf32"
             key = (r["kernel"], r["dtype"] + (" tf32" if tf32 else ""), r["arch"])
             w = worst.setdefault(key, {**r, "variants": 0})
@@ -224,11 +235,15 @@ def markdown(rows: list[dict]) -> str:
     for (kernel, dtype, arch), w in sorted(worst.items()):
         lines.append(f"| `{kernel}` | {dtype} | sm_{arch} | {w['config'] or 'fixed'} | {w['variants']} | {w['regs']} "
                      f"| {w['stack']} | {w['spill_ops']} | {w['shared']} | {w['mma']} |")
-    failed = [r for r in rows if "error" in r]
+    failed = [r for r in rows if "error" in r and not never_launched(r)]
     if failed:
         lines += ["", f"Variants the compiler rejects ({len(failed)}):", ""]
         lines += [f"- `{r['kernel']}` {r['dtype']} sm_{r['arch']} {r['flags']}: {r['error']}" for r in failed]
-    alts = [r for r in rows if not r["default"] and "error" not in r]
+    skipped = sorted({(r["kernel"], r["arch"], never_launched(r)) for r in rows if never_launched(r)})
+    if skipped:
+        lines += ["", "Compiled but never launched (the dispatch takes the chunked backend there):", ""]
+        lines += [f"- `{kernel}` sm_{arch}: {why}" for kernel, arch, why in skipped]
+    alts = [r for r in rows if not r["default"] and "error" not in r and not never_launched(r)]
     if alts:
         lines += ["", f"Autotune candidates: {len(alts)} compiled, "
                   f"{sum(1 for r in alts if r['stack'])} spill."]

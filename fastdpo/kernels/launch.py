@@ -1,7 +1,9 @@
-"""Launch parameters of the kernels: tile shapes per kernel, dtype and size bucket, and an optional autotune.
+"""Launch parameters of the fused kernels: tile shapes per kernel, dtype and size bucket, an optional autotune, and
+where they run at all.
 
-Every config listed here is compiled ahead of time for sm_80 and sm_90 by ``fastdpo.kernels.aot`` (CI test
-``tests/kernels/test_aot.py``): none spills registers and each fits the target's shared memory. ``DEFAULTS`` is
+Every config listed here is compiled ahead of time for sm_80, sm_90 and sm_100 by ``fastdpo.kernels.aot`` (CI test
+``tests/kernels/test_aot.py``; ``benchmarks/gpu_replica.sh`` under the GPU machine's Triton 3.6): none spills
+registers under Triton 3.6 or 3.9 and each fits the target's shared memory. ``DEFAULTS`` is
 what a launch uses; with ``FASTDPO_AUTOTUNE=1`` on a GPU the first forward launch of a (dtype, size bucket) times
 the ``CANDIDATES`` once and keeps the fastest for the process (the backward kernels keep their defaults: a trial
 launch would have to write throwaway gradient buffers as large as the real ones). Deterministic runs never
@@ -31,20 +33,21 @@ class TileConfig:
 INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=1, num_stages=1)
 
 #: (kernel, "fp32" | "16bit") -> the default config; each passes the spill check on sm_80, sm_90 and sm_100.
+#: (fp32 forward: BLOCK_D 16, as 32 spills 16-24 stack bytes on sm_80 under Triton 3.6 or, one stage, sm_100 under 3.9.)
 DEFAULTS = {
-    ("forward", "fp32"): TileConfig(32, 64, 32, 4, 2),
+    ("forward", "fp32"): TileConfig(32, 64, 16, 4, 2),
     ("forward", "16bit"): TileConfig(128, 64, 64, 8, 3),
     ("backward_dh", "fp32"): TileConfig(64, 64, 32, 8, 2),
     ("backward_dh", "16bit"): TileConfig(64, 64, 64, 8, 3),
     ("backward_dw", "fp32"): TileConfig(64, 64, 32, 8, 2),
     ("backward_dw", "16bit"): TileConfig(64, 64, 64, 8, 3),
 }
-#: sm_90 and later (wgmma keeps the accumulators out of the register file): a wider vocabulary tile halves the
-#: d hidden kernel's fp32 slice traffic; it spills on sm_80. (The d weight kernel's 128-token tile spills on sm_100.)
-SM90 = {("backward_dh", "16bit"): TileConfig(64, 128, 64, 8, 3)}
+#: sm_90 only (wgmma keeps the accumulators out of the register file): a 128-token tile halves the d weight kernel's
+#: fp32 slice traffic. It spills on sm_80 and sm_100; the d hidden kernel's 128-row vocabulary tile spills on sm_90
+#: under Triton 3.6 (80 stack bytes).
+SM90 = {("backward_dw", "16bit"): TileConfig(128, 64, 64, 8, 3)}
 #: The forward's autotune space (the default first), pruned to configs without spills; compiled by the AOT check.
 CANDIDATES = {
-    ("forward", "fp32"): (DEFAULTS[("forward", "fp32")], TileConfig(64, 32, 32, 4, 2)),
     ("forward", "16bit"): (DEFAULTS[("forward", "16bit")], TileConfig(64, 128, 64, 8, 3)),
 }
 _tuned: dict[tuple, TileConfig] = {}
@@ -62,7 +65,19 @@ def size_bucket(n: int, d: int) -> tuple[int, int]:
 def default_config(kernel: str, dtype_cls: str, arch: int) -> TileConfig:
     """The default config of ``kernel`` for a dtype class on an sm_``arch`` target (80, 90, 100, ...)."""
     key = (kernel, dtype_cls)
-    return SM90.get(key, DEFAULTS[key]) if arch >= 90 else DEFAULTS[key]
+    return SM90.get(key, DEFAULTS[key]) if arch == 90 else DEFAULTS[key]
+
+
+def fused_unsupported(arch: int) -> str | None:
+    """Why the fused kernels (``linear_forward``/``linear_backward``) must not launch on sm_``arch`` with the installed
+    Triton, or None. Triton 3.6 rejects the filtering backward for sm_100 (``PassManager::run failed`` in
+    ``TritonNvidiaGPUOptimizeTMemLayoutsPass``) and spills its fp32 variants there; 3.9 compiles them all cleanly
+    (``benchmarks/results/kernels-aot.md``). The versions between are untested, so they are refused too."""
+    import triton
+
+    if arch >= 100 and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        return f"Triton {triton.__version__} miscompiles the fused kernels for sm_{arch} (3.9 or newer does not)"
+    return None
 
 
 def tile_config(kernel: str, dtype: torch.dtype, n: int = 0, d: int = 0, bench=None,

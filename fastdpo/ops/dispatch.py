@@ -8,7 +8,9 @@
 * ``torch`` (``fastdpo.ops.torch_backend``): the chunked path with PyTorch row steps; CPUs, devices without Triton.
 
 The rule (``auto``, the default): CUDA tensors take ``triton`` when gradient filtering is asked for
-(``filter_eps``) and ``chunked`` otherwise, when Triton imports; everything else takes ``torch``.
+(``filter_eps``) and ``chunked`` otherwise, when Triton imports; everything else takes ``torch``. Where the fused
+kernels must not launch (``fastdpo.kernels.launch.fused_unsupported``: sm_100 under Triton < 3.9), filtering falls
+back to ``chunked`` with a warning and an explicit ``triton`` is refused.
 ``FASTDPO_BACKEND=chunked|triton|torch|auto`` or an explicit ``backend=`` overrides it; the Triton backends on CPU
 tensors need ``TRITON_INTERPRET=1`` set before Triton is imported (that is how the tests run them without a GPU).
 Every backend is deterministic (a fixed reduction order; the Triton backward has no atomics), so
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Protocol
 
 import torch
@@ -62,6 +65,15 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _fused_unsupported(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    from ..kernels.launch import fused_unsupported
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return fused_unsupported(10 * major + minor)
+
+
 def select(device: torch.device, backend: str | None = None, filtering: bool = False) -> Backend:
     """The backend for tensors on ``device`` (see the module docstring); ``filtering``: gradient filtering is on.
 
@@ -75,6 +87,10 @@ def select(device: torch.device, backend: str | None = None, filtering: bool = F
         name = "torch"
         if device.type == "cuda" and _triton_available():
             name = "triton" if filtering or torch.__version__ < (2, 8) else "chunked"
+            if name == "triton" and (why := _fused_unsupported(device)):
+                warnings.warn(f"{why}: computing exactly on the chunked backend, without gradient filtering",
+                              stacklevel=3)
+                name = "chunked"
     if name == "torch":
         return torch_backend
     if not _triton_available():
@@ -83,6 +99,8 @@ def select(device: torch.device, backend: str | None = None, filtering: bool = F
         raise ValueError(f"backend={name!r} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend={name!r} does not run on {device.type} tensors")
+    if name == "triton" and (why := _fused_unsupported(device)):
+        raise ValueError(f"backend='triton': {why}; use backend='chunked' (exact) or another Triton")
     if name == "chunked":
         if device.type == "cuda" and torch.__version__ < (2, 8):
             raise ValueError("backend='chunked' needs torch >= 2.8 on CUDA (16-bit GEMMs with fp32 outputs, "

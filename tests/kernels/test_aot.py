@@ -49,3 +49,22 @@ def test_spill_check_catches_a_spilling_row():
     row = {"kernel": "_dh_kernel", "dtype": "bf16", "arch": 80, "config": (128, 128, 64, 8, 2), "flags": {},
            "default": True, "stack": 432, "spill_ops": 185, "shared": 65536}
     assert aot.problems([row]) and aot.problems([{**row, "stack": 0, "spill_ops": 0, "shared": 10 ** 6}])
+
+
+def test_a_compiler_failure_is_a_problem_unless_never_launched(monkeypatch):
+    """A variant the compiler rejects is its own failed row (not the end of the run), and a problem wherever the
+    dispatch would launch it; on sm_100 under Triton < 3.9 the fused kernels are never launched."""
+    import triton
+
+    from fastdpo.kernels import aot, launch
+
+    row = {"kernel": "_dh_kernel", "dtype": "bf16", "arch": 100, "config": (64, 64, 64, 8, 3), "flags": {},
+           "default": True, "error": "RuntimeError: PassManager::run failed"}
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert launch.fused_unsupported(100) and launch.fused_unsupported(90) is None
+    assert aot.problems([row]) == [] and "never launched" in aot.markdown([row])
+    assert aot.problems([{**row, "kernel": "_logits_grad_kernel"}])        # the chunked backend's: always launched
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert launch.fused_unsupported(100) is None and aot.problems([row])
+    bad = aot.Variant("_dh_kernel", "bf16", 90, (("NO_SUCH_FLAG", True),), (64, 64, 64, 8, 3), True)
+    assert "error" in aot.compile_or_error(bad)
