@@ -2,10 +2,11 @@
 
     python -m benchlib.worker < job.json      (run from benchmarks/; see ``benchlib.runner``)
 
-The job is ``{"points": [{"impl": name, "problem": {...}}, ...], "repeats": int, "budget_s": float}``
-(see ``benchlib.measure``). Points of one problem share its inputs and float64 references, so
-consecutive points should share a problem. An exception in one point becomes that row's ``skipped``
-reason and the worker goes on.
+The job is ``{"points": [{"impl": name, "problem": {...}}, ...], "repeats": int, "budget_s": float,
+"profile": [impl names]}`` (see ``benchlib.measure``; the rows of the implementations in ``profile`` get the
+per-category kernel times of one profiled step, ``benchlib.profile``). Points of one problem share its inputs and
+float64 references, so consecutive points should share a problem. An exception in one point becomes that row's
+``skipped`` reason and the worker goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from .impls import IMPLS
 from .measure import measure
 from .problems import Problem, make_inputs
+from .profile import stage_ms
 from .reference import References
 
 ROW_PREFIX = "BENCH-ROW "     # libraries print to stdout too; result lines carry this prefix
@@ -44,6 +46,10 @@ def main() -> None:
         impl = IMPLS[point["impl"]]
         try:
             row = measure(impl, problem, inputs, refs, job["repeats"], job["budget_s"])
+            if impl.extras:
+                row.update(impl.extras(inputs, problem))
+            if impl.name in job.get("profile", ()):
+                row["stages_ms"] = stage_ms(impl, problem, inputs)
         except Exception as exc:    # a peer that fails at run time is reported, not fatal
             traceback.print_exc(file=sys.stderr)
             row = {"impl": impl.name, **problem.to_dict(), "skipped": _reason(exc)}
