@@ -27,10 +27,18 @@ HH_LOG_LENGTHS = {"prompt": (4.41, 0.98), "chosen": (3.29, 0.92), "rejected": (3
 
 
 def byte_tokenizer():
-    """ByT5's tokenizer: one id per UTF-8 byte (plus 3), eos ``</s>`` id 1, pad id 0; no files needed."""
-    from transformers import ByT5Tokenizer
+    """One token per byte (byte-level BPE without merges), pad ``<pad>`` id 0, eos ``</s>`` id 1, no files needed.
+    It adds no special token of its own (ByT5's would end every prompt with ``</s>``, which TRL then cuts off the
+    prompt): the trainers append eos to the completions, and a text of k ASCII letters is k tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    return ByT5Tokenizer()
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def random_causal_lm(name: str, device: str, dtype, attn_implementation: str):
