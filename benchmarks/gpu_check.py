@@ -37,6 +37,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -110,16 +111,22 @@ def nvidia_smi() -> tuple[str, dict[str, str]]:
 
 
 def tests_section(run: Run) -> tuple[object, str, bool]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
+    # -v: each test's outcome is in the log as it ends, so a run stopped at the cap still says which passed
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *TESTS]
     log = run.out_dir / "pytest.log"
+    cap_s = run.cap_s("tests")
     with open(log, "w") as f:
+        # its own process group: at the cap the trainings the tests launch stop with it, not later on the GPU
+        proc = subprocess.Popen(cmd, cwd=REPO_DIR, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=REPO_DIR, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                                timeout=run.cap_s("tests")).returncode
+            rc = proc.wait(timeout=cap_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = None
     lines = log.read_text().strip().splitlines()
-    summary = f"timed out after {run.cap_s('tests'):.0f} s" if rc is None else (lines[-1] if lines else "")
+    summary = f"stopped at the {cap_s:.0f} s cap" if rc is None else (lines[-1].strip("= ") if lines else "")
     md = f"`{' '.join(cmd[3:])}`: **{summary}** (exit {rc}; pytest.log has the whole output)"
     return {"returncode": rc, "summary": summary}, md, rc == 0
 
