@@ -42,12 +42,12 @@ PACKING_DATA = {"HH-RLHF harmless (test)": HH_DATA, "UltraFeedback binarized (tr
 
 FIGURES = """Per point: medians of the timed steps after a warm-up step (up to --repeats of them, fewer where the
 per-point time limit allows no more; the JSON has each point's count); fwd+bwd is the median of whole steps.
-TFLOP/s = 6·N·H·V / fwd+bwd time; "of floor" = the same ratio to the GEMM floor's (three plain GEMMs of
-the step's sizes, timed in this run) = floor time / time. Extra memory: peak above what was held before
-the timed steps (CPU: peak RSS; CUDA: max_memory_allocated), gradients included; "beyond grads"
-subtracts d hidden + d weight in the input dtype. Relative error ‖x − x₆₄‖/‖x₆₄‖ of the output (per-token
-log-probs on 256 sampled rows, or the DPO loss), d hidden (those rows) and d weight (the rows' labels and
-2048 sampled vocabulary rows) against float64, measured with only the sampled rows scored (see
+TFLOP/s = 6·N·H·V / fwd+bwd time; "of floor" = the same ratio to the GEMM floor's (four plain GEMMs of
+the step's sizes: forward, recompute, two gradients; timed in this run) = floor time / time. Extra memory:
+peak above what was held before the timed steps (CPU: peak RSS; CUDA: max_memory_allocated), gradients
+included; "beyond grads" subtracts d hidden + d weight in the input dtype. Relative error ‖x − x₆₄‖/‖x₆₄‖
+of the output (per-token log-probs on 256 sampled rows, or the DPO loss), d hidden (those rows) and d weight
+(the rows' labels and 2048 sampled vocabulary rows) against float64, measured with only the sampled rows scored (see
 benchmarks/benchlib/reference.py). Tokens are 2·max(2, N/2048) sequences, the first half chosen, the
 second rejected; logits have unit scale (random inputs)."""
 

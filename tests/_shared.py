@@ -18,6 +18,14 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name)
 
 
+def byte_tokenizer():
+    """A tokenizer that needs no files (ByT5's: one id per UTF-8 byte plus 3, eos ``</s>`` id 1, pad id 0), for runs
+    that must not depend on ../shared (the GPU machine has none)."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
 def tiny_llama_config(**overrides):
     """A tiny random Llama with SmolLM2's architecture choices and vocabulary (49,152, tied)."""
     from transformers import LlamaConfig
@@ -40,14 +48,14 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
-def write_tiny_run(root, pairs: int = 16):
-    """A tiny random Llama checkpoint (SmolLM2's tokenizer) and hand-written arithmetic pairs, for
-    end-to-end runs of `fastdpo train` that take seconds. Returns (model_dir, data_file)."""
+def write_tiny_run(root, pairs: int = 16, tokenizer=None):
+    """A tiny random Llama checkpoint (with ``tokenizer``, by default SmolLM2's) and hand-written arithmetic pairs,
+    for end-to-end runs of `fastdpo train` that take seconds. Returns (model_dir, data_file)."""
     import json
 
     model_dir, data = root / "tiny", root / "pairs.jsonl"
     tiny_llama(seed=21).save_pretrained(model_dir)
-    smollm2_tokenizer().save_pretrained(model_dir)
+    (tokenizer or smollm2_tokenizer()).save_pretrained(model_dir)
     with open(data, "w") as f:
         for i in range(pairs):
             f.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",

@@ -1,11 +1,14 @@
 """The CUDA backends (chunked: cuBLAS + Triton row kernels; triton: the fused kernels) on a real GPU at full model
-size against float64, and an FSDP2 launch (skipped without CUDA)."""
+size against float64, and an FSDP2 launch (skipped without CUDA).
 
+Needs nothing outside the repository: no ../shared, no GGUF; the FSDP2 launch trains a tiny random model written by
+the test, with a byte-level tokenizer that needs no files, and skips where datasets (fastdpo train's loader) is
+missing."""
+
+import importlib.util
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,9 @@ import torch
 
 import fastdpo
 from _reference import TOL, linear_logps64, random_inputs, rel_err
-from _shared import write_tiny_run
+from _shared import byte_tokenizer, write_tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]   # `python -m fastdpo` from the root imports this checkout, installed or not
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -114,22 +119,24 @@ def test_get_batch_logps_on_gpu_bf16():
     assert rel_err(out, ref) <= 1e-5
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher not installed")
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate not installed")
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets (fastdpo train's loader) not installed")
 def test_fsdp2_launch_equals_plain_run(tmp_path):
     """`accelerate launch` with examples/accelerate/fsdp2.yaml (one GPU process: FSDP2 wrapping, DTensor
     parameters, sharded checkpoints) trains like a plain run."""
-    model_dir, data = write_tiny_run(tmp_path)
-    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+    model_dir, data = write_tiny_run(tmp_path, tokenizer=byte_tokenizer())
+    config = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]   # not the `accelerate` script: it may not be on PATH
     traces = []
     for name, launcher in (("plain", [sys.executable]),
-                           ("fsdp2", ["accelerate", "launch", "--config_file", str(config), "--num_processes", "1"])):
+                           ("fsdp2", [*launch, "--config_file", str(config), "--num_processes", "1"])):
         out = tmp_path / name
         cmd = [*launcher, "-m", "fastdpo", "train", "--model", str(model_dir), "--dataset", str(data),
                "--max-tokens-per-batch", "64", "--max-steps", "3", "--logging-steps", "1", "--optim", "sgd",
                "--learning-rate", "0.5", "--use-peft", "--lora-dropout", "0", "--attn-implementation", "sdpa",
                "--output-dir", str(out), "--report-to", "none", "--save-strategy", "steps", "--save-steps", "3",
                "--disable-tqdm", "true"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         traces.append([h["loss"] for h in history if "loss" in h])

@@ -10,13 +10,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .paths import REPO_DIR
 
-PACKAGES = ("fastdpo", "torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy")
+PACKAGES = ("fastdpo", "torch", "triton", "transformers", "accelerate", "peft", "datasets", "trl", "liger-kernel",
+            "cut-cross-entropy")
 
 
 def package_version(package: str) -> str:
     try:
         return version(package)
     except PackageNotFoundError:
+        if package == "fastdpo":    # a plain copy on PYTHONPATH, not installed: its own version string
+            import fastdpo
+
+            return f"{fastdpo.__version__} (plain copy)"
         return "not installed"
 
 
@@ -35,9 +40,13 @@ def device_name(device: str) -> str:
 
 
 def git_revision() -> str:
-    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it."""
+    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it; "unknown" in a plain copy of the
+    repository or where git is not installed (the GPU machine may have neither)."""
     def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_DIR).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_DIR).stdout.strip()
+        except OSError:
+            return ""
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
     return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

@@ -9,7 +9,9 @@ budget: a worker times fewer repeats where the check step shows they would not f
 
 Points run in one worker process (``benchlib.worker``) that streams a result line per point; when a
 worker dies (killed for memory, a crash in a kernel) the point it was on is reported as failed and a
-fresh worker takes the rest. ``isolate=True`` gives every point a fresh process.
+fresh worker takes the rest. ``isolate=True`` gives every point a fresh process. A ``deadline`` (a
+``time.monotonic()`` value) stops the worker there: the point it was on and those after it are reported
+as not run.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import torch
 
 from .impls import IMPLS
-from .paths import BENCH_DIR
+from .paths import BENCH_DIR, child_env
 from .problems import DTYPES, Problem
 from .worker import ROW_PREFIX
 
@@ -66,8 +70,10 @@ def estimate_bytes(problem: Problem, materialises: bool) -> int:
 class Planner:
     """Splits points into runnable ones and skipped rows, with the reasons."""
 
-    def __init__(self, device: str, repeats: int, max_point_s: float, max_memory_gib: float):
+    def __init__(self, device: str, repeats: int, max_point_s: float, max_memory_gib: float, *,
+                 deadline: float | None = None, stderr_log: Path | None = None):
         self.device, self.repeats, self.max_point_s = device, repeats, max_point_s
+        self.deadline, self.stderr_log = deadline, stderr_log     # see run_points
         self.max_bytes = memory_limit(device, max_memory_gib)
         self._rates: dict[str, float] = {}
 
@@ -100,13 +106,26 @@ class Planner:
         return runnable, skipped
 
 
-def _run_worker(points: list[tuple[str, Problem]], job: dict, log) -> tuple[list[dict], str | None]:
+NOT_RUN = "not run: the time cap was reached"
+
+
+def _run_worker(points: list[tuple[str, Problem]], job: dict, log, deadline: float | None,
+                stderr_log: Path | None) -> tuple[list[dict], str | None]:
     """Rows of the points a worker completed, and why it died (None when it finished)."""
     job = {"points": [{"impl": name, "problem": p.to_dict()} for name, p in points], **job}
     # stderr to a file: a pipe nobody reads until the end would block a worker that warns a lot
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "benchlib.worker"], cwd=BENCH_DIR, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "benchlib.worker"], cwd=BENCH_DIR, env=child_env(), text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        stopped = threading.Event()
+
+        def stop():
+            stopped.set()
+            proc.kill()
+
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), stop) if deadline is not None else None
+        if timer:
+            timer.start()
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()
         rows = []
@@ -116,8 +135,16 @@ def _run_worker(points: list[tuple[str, Problem]], job: dict, log) -> tuple[list
                 log(row)
                 rows.append(row)
         proc.wait()
+        if timer:
+            timer.cancel()
         err.seek(0)
         stderr = err.read()
+    if stderr_log:
+        with open(stderr_log, "a") as f:
+            f.write(f"===== worker for {', '.join(sorted({name for name, _ in points}))}: exit {proc.returncode}\n"
+                    f"{stderr}\n")
+    if stopped.is_set():
+        return rows, NOT_RUN
     if proc.returncode == 0 or len(rows) == len(points):
         return rows, None
     code = proc.returncode
@@ -127,14 +154,24 @@ def _run_worker(points: list[tuple[str, Problem]], job: dict, log) -> tuple[list
 
 
 def run_points(points: list[tuple[str, Problem]], repeats: int, budget_s: float, *, isolate: bool = False,
+               profile: tuple[str, ...] = (), deadline: float | None = None, stderr_log: Path | None = None,
                log=print) -> list[dict]:
-    """Result rows for ``points`` (runnable ones), in order."""
+    """Result rows for ``points`` (runnable ones), in order; the implementations in ``profile`` also get a
+    profiled step's kernel times by category (``benchlib.profile``). Workers stop at ``deadline`` (the points
+    left are reported as not run); their stderr is appended to ``stderr_log``."""
     pending = deque(points)
     rows = []
     while pending:
         batch = [pending.popleft() for _ in range(1 if isolate else len(pending))]
-        done, died = _run_worker(batch, {"repeats": repeats, "budget_s": budget_s}, log)
+        job = {"repeats": repeats, "budget_s": budget_s, "profile": list(profile)}
+        done, died = _run_worker(batch, job, log, deadline, stderr_log)
         rows += done
+        if died == NOT_RUN:
+            for name, problem in [*batch[len(done):], *pending]:
+                row = {"impl": name, **problem.to_dict(), "skipped": NOT_RUN}
+                log(row)
+                rows.append(row)
+            break
         if died:
             name, problem = batch[len(done)]
             row = {"impl": name, **problem.to_dict(), "skipped": died}
@@ -153,12 +190,14 @@ def log_row(row: dict) -> None:
               f"extra {row['extra_peak_bytes'] / 2**20:.1f} MiB, rel. err {row['rel_err']}", flush=True)
 
 
-def run_matrix(problems: list[Problem], impl_names: list[str], planner: Planner, *, isolate: bool = False) -> list[dict]:
+def run_matrix(problems: list[Problem], impl_names: list[str], planner: Planner, *, isolate: bool = False,
+               profile: tuple[str, ...] = ()) -> list[dict]:
     """Rows for every (problem, implementation), skipped ones included, in problem-major order."""
     points = [(name, p) for p in problems for name in impl_names]
     runnable, skipped = planner.split(points)
     for row in skipped:
         log_row(row)
-    done = run_points(runnable, planner.repeats, planner.max_point_s, isolate=isolate, log=log_row)
+    done = run_points(runnable, planner.repeats, planner.max_point_s, isolate=isolate, profile=profile,
+                      deadline=planner.deadline, stderr_log=planner.stderr_log, log=log_row)
     by_point = {(r["impl"], Problem(**{k: r[k] for k in Problem.__dataclass_fields__})): r for r in done + skipped}
     return [by_point[point] for point in points]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .env import header, metadata
+from .paths import child_env
 
 
 class StepRecorder:
@@ -100,19 +101,36 @@ def summary(recorder: StepRecorder, cuda: bool) -> dict:
     }
 
 
-def run_children(script: str, argv: list[str], names: list[str], extra: list[str] = ()) -> list[dict]:
+def run_children(script: str, argv: list[str], names: list[str], extra: list[str] = (), *,
+                 timeout_s: float | None = None, log: str | None = None) -> list[dict]:
     """Run ``script argv --child NAME *extra`` for each name, one at a time (each trainer has the machine to itself,
-    and its peak RSS is its own); the child prints its result as the last line of JSON. A child that fails becomes
-    ``{"trainer": name, "skipped": last stderr line}``."""
+    and its peak RSS is its own); the child prints its result as the last line of JSON. ``timeout_s`` bounds all of
+    them: each child may take what is left of it over the children left. A child that fails, or runs past its share,
+    becomes ``{"trainer": name, "skipped": why}``. ``log``: a file to append each child's stderr to."""
     rows = []
-    for name in names:
-        proc = subprocess.run([sys.executable, script, *argv, "--child", name, *extra], capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append({"trainer": name, "skipped": (proc.stderr.strip().splitlines() or ["?"])[-1]})
-            print(f"{name}: skipped: {proc.stderr[-2000:]}", file=sys.stderr)
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+    for i, name in enumerate(names):
+        cmd = [sys.executable, script, *argv, "--child", name, *extra]
+        timeout = (deadline - time.monotonic()) / (len(names) - i) if deadline is not None else None
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+            stdout, stderr, why = proc.stdout, proc.stderr, None if proc.returncode == 0 else f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired as exc:
+            stdout, stderr, why = "", _text(exc.stderr), f"timed out after {timeout:.0f} s"
+        if log:
+            with open(log, "a") as f:
+                f.write(f"===== {name}: {why or 'ok'}\n{stderr}\n")
+        if why:
+            rows.append({"trainer": name, "skipped": f"{why}: {(stderr.strip().splitlines() or ['?'])[-1]}"})
+            print(f"{name}: skipped: {stderr[-2000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(json.loads(stdout.strip().splitlines()[-1]))
     return rows
+
+
+def _text(output: bytes | str | None) -> str:
+    """A timed-out child's captured output (bytes, whatever ``text=True`` asked)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def main(parser: Callable, run: Callable[[str, object], dict], report: Callable[[object], tuple[list[dict], str]]):
