@@ -14,9 +14,8 @@
 # 3. There, the GPU command exactly (benchmarks/gpu_run.sh: the carried wheels installed as the runbook installs
 #    them), in --dry-run mode, into a temporary output folder; then the imports the benchmark rows make of each
 #    carried package, with those wheels.
-# 4. python -m fastdpo.kernels.aot under this Triton 3.6 (sm_80/90, and sm_100 where it ships the assembler); where
-#    it fails, benchmarks/aot_isolated.py, the same check with each variant compiled in its own process, so that one
-#    compiler crash does not hide the other rows.
+# 4. python -m fastdpo.kernels.aot under this Triton 3.6 (sm_80/90, and sm_100 where it ships the assembler; a variant
+#    the compiler rejects is its own failed row).
 # Writes OUT_MD with the versions, each step's result and output. Not in CI: it downloads. Exits 1 when a step failed.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -66,12 +65,6 @@ aot_out=$(cd "$work/repo" && env -u TRITON_INTERPRET PYTHONPATH="$work/repo" pyt
 aot_rc=$?
 aot_s=$(( $(date +%s) - t0 ))
 [ $aot_rc -eq 0 ] || failed=1
-if [ $aot_rc -ne 0 ]; then
-    t0=$(date +%s)
-    isolated_out=$(cd "$work/repo" && env -u TRITON_INTERPRET PYTHONPATH="$work/repo" python3 benchmarks/aot_isolated.py 2>&1)
-    isolated_rc=$?
-    isolated_s=$(( $(date +%s) - t0 ))
-fi
 
 versions=$(python3 -m pip list --format=freeze 2>/dev/null | grep -i -E \
     '^(torch|triton|transformers|accelerate|peft|pytest|pytest-benchmark|numpy|pandas|pyarrow|tokenizers|huggingface.hub|safetensors)==' \
@@ -88,7 +81,6 @@ versions=$(python3 -m pip list --format=freeze 2>/dev/null | grep -i -E \
     echo "| \`bash benchmarks/gpu_run.sh OUT --dry-run\` (the GPU command, dry run) | exit $run_rc | $run_s |"
     echo "| imports of the carried packages the benchmark rows use | exit $imports_rc | |"
     echo "| \`python -m fastdpo.kernels.aot\` under Triton 3.6 | exit $aot_rc | $aot_s |"
-    [ $aot_rc -eq 0 ] || echo "| \`python benchmarks/aot_isolated.py\`: the same, a process per variant | exit $isolated_rc | $isolated_s |"
     echo
     echo "## The GPU command's dry run"
     echo
@@ -104,20 +96,8 @@ versions=$(python3 -m pip list --format=freeze 2>/dev/null | grep -i -E \
     echo
     echo "## Ahead-of-time compile check under Triton 3.6"
     echo
-    if [ $aot_rc -eq 0 ]; then
-        echo "$aot_out" | sed 's/^# /### /'
-    else    # a compiler crash dumps the failing kernel's MLIR: its first lines and the traceback are the news
-        echo '```'
-        echo "$aot_out" | head -3 | cut -c1-400
-        lines=$(echo "$aot_out" | wc -l)
-        [ "$lines" -gt 43 ] && echo "... ($((lines - 43)) lines left out: the failing kernel's MLIR) ..."
-        echo "$aot_out" | tail -n $((lines > 43 ? 40 : lines - 3)) | sed "s#$work#<tmp>#g" | cut -c1-400
-        echo '```'
-        echo
-        echo "### The same check, a process per variant (benchmarks/aot_isolated.py)"
-        echo
-        echo "$isolated_out" | sed 's/^# /#### /'
-    fi
+    # a rejected variant makes the compiler print the kernel's MLIR: the table and the problems are the news
+    echo "$aot_out" | sed -n '/^# Ahead-of-time/,$p' | sed 's/^# /### /' | cut -c1-400
 } > "$md"
 echo "wrote $md (dry run exit $run_rc, imports exit $imports_rc, aot exit $aot_rc; work folder $work)"
 exit $failed
