@@ -54,6 +54,7 @@ from benchlib.paths import REPO_DIR, child_env
 from benchlib.problems import MODELS, PEAKED, Problem
 from benchlib.report import errors, measured, problem_key, skipped_list, write
 from benchlib.runner import Planner, run_matrix
+from benchlib.targets import gpu_lines
 
 MiB = 1 << 20
 CAPS_S = {"tests": 210, "kernels": 150, "filtering": 45, "dpo-step": 150}
@@ -63,7 +64,6 @@ KERNEL_IMPLS = ("fastdpo", "fastdpo-frozen", "fastdpo-fused", "fastdpo-filtered"
                 "gemm-floor-frozen", "eager", "trl-chunked", "liger-flce", "liger-per-token", "cce")
 FILTER_IMPLS = ("fastdpo", "fastdpo-fused", "fastdpo-filtered")
 PROFILED = ("fastdpo", "fastdpo-frozen")
-PEERS = ("eager", "trl-chunked", "liger-flce", "liger-per-token", "cce")
 FLOORS = {False: "gemm-floor", True: "gemm-floor-frozen"}     # frozen -> the floor a row is held against
 
 
@@ -243,10 +243,11 @@ def stage_tables(rows: list[dict]) -> str:
 
 
 def kernels_section(run: Run) -> tuple[object, str, bool]:
-    rows = measure_rows(run, "kernels", kernel_problems(run), KERNEL_IMPLS)
+    problems = kernel_problems(run)
+    rows = measure_rows(run, "kernels", problems, KERNEL_IMPLS)
     note = add_predictions(rows, run.device_name)
     md = "\n\n".join(filter(None, [
-        note, kernel_table(rows), stage_tables(rows), "\n".join(target_lines(rows)),
+        note, kernel_table(rows), stage_tables(rows), "\n".join(f"- {line}" for line in gpu_lines(rows, problems[0])),
         "Not measured:\n\n" + (skipped_list(rows) or "nothing")]))
     return rows, md, True
 
@@ -257,35 +258,6 @@ def filtering_section(run: Run) -> tuple[object, str, bool]:
     md = (f"Peaked logits, synthetic (``benchlib.problems.peaked_inputs``, knobs {PEAKED}; fitted to SmolLM2-135M on HH "
           f"text, where the filter skips 10.8% of 64x128 and 23.0% of 64x64 tiles). {note}\n\n" + kernel_table(rows))
     return rows, md, True
-
-
-def _row(rows: list[dict], impl: str) -> dict | None:
-    return next((r for r in rows if r["impl"] == impl and "skipped" not in r), None)
-
-
-def target_lines(rows: list[dict]) -> list[str]:
-    """Issue 22's kernel targets at the first problem's shape, as PASS / FAIL lines."""
-    first = [r for r in rows if (r["n"], r["model"]) == (rows[0]["n"], rows[0]["model"])] if rows else []
-    lines = []
-    for impl, floor_name in (("fastdpo", "gemm-floor"), ("fastdpo-frozen", "gemm-floor-frozen")):
-        row, floor = _row(first, impl), _row(first, floor_name)
-        if row and floor:
-            ratio = row["time_s"] / floor["time_s"]
-            lines.append(f"{'PASS' if ratio <= 1.15 else 'FAIL'}: {impl} {_ms(row['time_s'])} ms = {ratio:.2f}× "
-                         f"{floor_name}'s {_ms(floor['time_s'])} ms (target ≤ 1.15×)")
-    row = _row(first, "fastdpo")
-    if row:
-        allowed = 64 * MiB + 4 * row["n"] * row["h"]      # 64 MiB of scratch and one fp32 [N, H] accumulator
-        lines.append(f"{'PASS' if row['beyond_grads_bytes'] <= allowed else 'FAIL'}: fastdpo "
-                     f"{row['beyond_grads_bytes'] / MiB:.0f} MiB beyond the gradients (target ≤ "
-                     f"{allowed / MiB:.0f} MiB: 64 MiB + one fp32 [N, H])")
-        for peer in PEERS:
-            theirs = _row(first, peer)
-            if theirs:
-                speedup = theirs["time_s"] / row["time_s"]
-                lines.append(f"{'PASS' if speedup > 1 else 'FAIL'}: fastdpo {speedup:.2f}× faster than {peer} "
-                             f"({_ms(theirs['time_s'])} ms; target > 1×)")
-    return [f"- {line}" for line in lines]
 
 
 def dpo_argv(run: Run, cap_s: float) -> list[str]:

@@ -150,7 +150,7 @@ def main(argv=None) -> None:
             print(f"{part}:", flush=True)
             data[part.replace("-", "_")] = runs[part](args)
     kernel_rows = data.get("kernels", [])
-    data["targets"] = cpu_lines(kernel_rows) + gpu_lines(kernel_rows, data["meta"]["device"])
+    data["targets"] = cpu_lines(kernel_rows) + gpu_lines(kernel_rows)
     data["wall_s"] = time.perf_counter() - t0
     write(Path(f"{prefix}-suite"), data, render(data, prefix))
     print("\n".join(data["targets"]))
