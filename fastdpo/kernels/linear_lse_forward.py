@@ -12,7 +12,7 @@ import triton.testing
 
 from .indexed_dot import indexed_dot
 from .launch import dot_precision, interpreting, tile_config, transform_args, upcast_dot
-from .tiles import logit_tile
+from .tiles import fold_lse, logit_tile
 
 
 @triton.jit
@@ -33,8 +33,7 @@ def _lse_forward_kernel(
     row_ok = offs_n < N
     v_begin = split * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
-    if MAX_OTHER:
-        labels = tl.load(Labels + offs_n, mask=row_ok, other=-1)
+    labels = tl.load(Labels + offs_n, mask=row_ok, other=-1)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
@@ -49,22 +48,9 @@ def _lse_forward_kernel(
         z = logit_tile(H, W, B, offs_n, offs_v, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
                        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP,
                        BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST)
-        z_or_zero = tl.where(col_ok[None, :], z, 0.0)   # keeps 0 * -inf out of the sums
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, 1)
-        if EXP_LOGIT:
-            sum_ez = sum_ez * alpha + tl.sum(e * z_or_zero, 1)
-        if LSE_2Z:
-            sum_e2 = sum_e2 * alpha * alpha + tl.sum(e * e, 1)
-        if SUM_LOGIT:
-            sum_z += tl.sum(z_or_zero, 1)
-        if MAX_OTHER:
-            z_other = tl.where(offs_v[None, :] == labels[:, None], float("-inf"), z)
-            max_other = tl.maximum(max_other, tl.max(z_other, 1))
-        m = m_new
+        m, s, sum_ez, sum_e2, sum_z, max_other = fold_lse(
+            z, col_ok[None, :], offs_v[None, :] == labels[:, None], m, s, sum_ez, sum_e2, sum_z, max_other,
+            EXP_LOGIT, LSE_2Z, SUM_LOGIT, MAX_OTHER)
 
     out = split * N + offs_n
     tl.store(Lse + out, m + tl.log(s), mask=row_ok)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreting, transform_args
-from .tiles import apply_transform, transform_grad_scale
+from .tiles import apply_transform, fold_lse, transform_grad_scale
 
 
 @triton.jit
@@ -46,14 +46,11 @@ def _update_lse_kernel(
     local = tl.load(Labels + rows, mask=row_ok, other=-1) - v0
     m = tl.load(M + rows, mask=row_ok, other=0.0)
     s = tl.load(S + rows, mask=row_ok, other=0.0)
-    if EXP_LOGIT:
-        sum_ez = tl.load(ExpLogit + rows, mask=row_ok, other=0.0)      # sum exp(z - m) * z
-    if LSE_2Z:
-        sum_e2 = tl.load(Lse2z + rows, mask=row_ok, other=0.0)         # sum exp(2 (z - m))
-    if SUM_LOGIT:
-        sum_z = tl.load(SumLogit + rows, mask=row_ok, other=0.0)
-    if MAX_OTHER:
-        max_other = tl.load(MaxOther + rows, mask=row_ok, other=0.0)
+    # the statistic sums (unused ones stay zeros the kernel never stores)
+    sum_ez = tl.load(ExpLogit + rows, mask=row_ok & EXP_LOGIT, other=0.0)
+    sum_e2 = tl.load(Lse2z + rows, mask=row_ok & LSE_2Z, other=0.0)
+    sum_z = tl.load(SumLogit + rows, mask=row_ok & SUM_LOGIT, other=0.0)
+    max_other = tl.load(MaxOther + rows, mask=row_ok & MAX_OTHER, other=0.0)
     label_logit = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, v_c, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
@@ -61,21 +58,8 @@ def _update_lse_kernel(
                             HAS_BIAS, HAS_SOFTCAP)
         hit = cols[None, :] == local[:, None]
         label_logit += tl.sum(tl.where(hit & ok, z, 0.0), 1)
-        z_or_zero = tl.where(ok, z, 0.0)     # keeps 0 * -inf out of the sums
-        z = tl.where(ok, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, 1)
-        if EXP_LOGIT:
-            sum_ez = sum_ez * alpha + tl.sum(e * z_or_zero, 1)
-        if LSE_2Z:
-            sum_e2 = sum_e2 * alpha * alpha + tl.sum(e * e, 1)
-        if SUM_LOGIT:
-            sum_z += tl.sum(z_or_zero, 1)
-        if MAX_OTHER:
-            max_other = tl.maximum(max_other, tl.max(tl.where(hit, float("-inf"), z), 1))
-        m = m_new
+        m, s, sum_ez, sum_e2, sum_z, max_other = fold_lse(z, ok, hit, m, s, sum_ez, sum_e2, sum_z, max_other,
+                                                          EXP_LOGIT, LSE_2Z, SUM_LOGIT, MAX_OTHER)
     tl.store(M + rows, m, mask=row_ok)
     tl.store(S + rows, s, mask=row_ok)
     tl.store(LabelLogit + rows, label_logit, mask=row_ok & (local >= 0) & (local < v_c))

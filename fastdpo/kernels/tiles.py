@@ -1,4 +1,4 @@
-"""Triton helpers shared by the kernels: the logit transform and the projection of one tile.
+"""Triton helpers shared by the kernels: the logit transform, the projection of one tile, the online logsumexp.
 
 The transform follows ``fastdpo.ops.transform.LogitTransform`` step for step (scale, soft-cap,
 temperature), so both backends compute the same function.
@@ -69,3 +69,27 @@ def project_tile(
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def fold_lse(z, ok, hit, m, s, sum_ez, sum_e2, sum_z, max_other,
+             EXP_LOGIT: tl.constexpr, LSE_2Z: tl.constexpr, SUM_LOGIT: tl.constexpr, MAX_OTHER: tl.constexpr):
+    """A [rows, columns] tile of transformed logits folded into its rows' running logsumexp state (online softmax,
+    Milakov & Gimelshein 2018): max ``m``, ``s = Σ exp(z − m)`` and, as asked, ``Σ exp(z − m)·z``,
+    ``Σ exp(2 (z − m))``, ``Σ z`` and the max over non-label logits. ``ok`` masks the tile's valid entries, ``hit``
+    its label entries. Returns the updated (m, s, sum_ez, sum_e2, sum_z, max_other)."""
+    z_or_zero = tl.where(ok, z, 0.0)     # keeps 0 * -inf out of the sums
+    z = tl.where(ok, z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, 1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    s = s * alpha + tl.sum(e, 1)
+    if EXP_LOGIT:
+        sum_ez = sum_ez * alpha + tl.sum(e * z_or_zero, 1)
+    if LSE_2Z:
+        sum_e2 = sum_e2 * alpha * alpha + tl.sum(e * e, 1)
+    if SUM_LOGIT:
+        sum_z += tl.sum(z_or_zero, 1)
+    if MAX_OTHER:
+        max_other = tl.maximum(max_other, tl.max(tl.where(hit, float("-inf"), z), 1))
+    return m_new, s, sum_ez, sum_e2, sum_z, max_other
