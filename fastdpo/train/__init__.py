@@ -4,7 +4,8 @@ log-probs, reference strategies and their cache, the loss, metrics and checkpoin
 from .config import DPOConfig
 from .dpo_trainer import DPOTrainer
 from .forward import PairLogps, pair_logps
+from .packed_config import PackedConfig
 from .ref_sync import SyncRefModelCallback
 from .trainer import PreferenceTrainer
 
-__all__ = ["DPOConfig", "DPOTrainer", "PairLogps", "PreferenceTrainer", "SyncRefModelCallback", "pair_logps"]
+__all__ = ["DPOConfig", "DPOTrainer", "PackedConfig", "PairLogps", "PreferenceTrainer", "SyncRefModelCallback", "pair_logps"]
