@@ -88,7 +88,7 @@ def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...] = METRIC
     """Train ``trainer`` to the end (resuming as ``--resume-from-checkpoint`` asks), save the model or adapter with
     the tokenizer and ``trainer_state.json`` (the metric history, also without checkpoints), draw the curves, and
     print and return the summary (wall time, peak RSS, the estimate, dropped rows, the curves' path)."""
-    drops = getattr(trainer, "drop_reports", {})   # online DPO tokenises prompts only: nothing is dropped
+    drops = trainer.drop_reports
     for split, report in drops.items():
         print(f"[fastdpo] {split}: {report}", flush=True)
     trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))

@@ -174,8 +174,8 @@ def pack_pairs(rows: list[dict], *, prefix_sharing: bool = False) -> PackedBatch
     )
 
 
-class IndexedPairs(torch.utils.data.Dataset):
-    """A tokenised dataset whose rows also carry their index (``pair_index``), so that a failing pair
+class IndexedRows(torch.utils.data.Dataset):
+    """A tokenised dataset whose rows also carry their index (``pair_index``), so that a failing row
     can be named."""
 
     def __init__(self, dataset):

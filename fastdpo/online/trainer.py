@@ -13,12 +13,12 @@ import itertools
 from dataclasses import dataclass, fields, replace
 
 import torch
-from transformers import GenerationConfig, Trainer
+from transformers import GenerationConfig
 
 from ..data import PackedBatch, pack_pairs, tokenize_prompts
 from ..losses import LossSpec
 from ..train import PreferenceTrainer
-from ..train.trainer import use_prefix_sharing, zero_loss
+from ..train.trainer import zero_loss
 from .config import OnlineDPOConfig
 from .judges import LLMJudge, PairwiseJudge, RewardModelScorer, rank_by_scores
 
@@ -89,6 +89,8 @@ class OnlineDPOTrainer(PreferenceTrainer):
             tokenizer without an EOS token, and the errors of ``tokenize_prompts`` and ``DPOTrainer``.
     """
 
+    tokenized_columns = ("prompt_input_ids",)
+
     def __init__(self, model, ref_model=None, args: OnlineDPOConfig | None = None, train_dataset=None,
                  processing_class=None, reward_model=None, reward_processing_class=None,
                  judge: PairwiseJudge | None = None, peft_config=None, **kwargs):
@@ -106,9 +108,6 @@ class OnlineDPOTrainer(PreferenceTrainer):
         has_reward = reward_model is not None or args.reward_model_path is not None
         if has_reward == (judge is not None or args.judge is not None):
             raise ValueError("online DPO ranks completions with either a reward model or a judge: give exactly one")
-        train_dataset = tokenize_prompts(train_dataset, processing_class, max_prompt_length=args.prompt_limit,
-                                         truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
-        self.prefix_sharing = use_prefix_sharing(model, args)
         super().__init__(model, ref_model, args=args, peft_config=peft_config, data_collator=_collate_prompts,
                          train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         self._epoch_specs: dict[float, LossSpec] = {}
@@ -130,11 +129,13 @@ class OnlineDPOTrainer(PreferenceTrainer):
         )
 
     # ------------------------------------------------------------------ data
-    def get_train_dataloader(self):
-        self.metrics.restart_clock()
-        # The Trainer's own loader (seeded shuffling, per_device_train_batch_size prompts, sharding): pairs exist
-        # only once generated, in get_batch_samples.
-        return Trainer.get_train_dataloader(self)
+    def tokenize(self, dataset, tokenizer, args: OnlineDPOConfig):
+        return tokenize_prompts(dataset, tokenizer, max_prompt_length=args.prompt_limit,
+                                truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc), None
+
+    def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
+        # per_device_train_batch_size prompts: their pairs exist only once sampled, in get_batch_samples
+        return self.row_batches(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size)
 
     @property
     def beta(self) -> float:

@@ -61,12 +61,11 @@ class MetricWindow:
         self._sums[mode][key][1] = 1.0
 
     def pop(self, mode: str, *, skip: tuple[str, ...] = ()) -> dict[str, float]:
-        """The window's means (``eval_``-prefixed in eval mode), then a new window."""
+        """The window's means, then a new window."""
         sums = self._sums[mode]
         if not sums:
             return {}
-        prefix = "eval_" if mode == "eval" else ""
-        logs = {prefix + key: total / count for key, (total, count) in sums.items() if count and key not in skip}
+        logs = {key: total / count for key, (total, count) in sums.items() if count and key not in skip}
         processed, real = self._tokens[mode]
         if mode == "train" and processed:   # a window of skipped micro-batches processed nothing
             now = time.perf_counter()

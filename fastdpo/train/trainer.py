@@ -1,21 +1,21 @@
-"""``PreferenceTrainer``: what offline and online DPO share on ``transformers.Trainer`` — the reference strategy,
-the loss over the pairs of the effective batch, the metric window and atomic checkpoints."""
+"""``PreferenceTrainer``: what offline and online DPO share on ``PackedTrainer`` — the pair layout, the reference
+strategy and the loss over the pairs of the effective batch."""
 
 from __future__ import annotations
 
-import itertools
 import logging
+from functools import partial
+from typing import NamedTuple
 
 import torch
-from transformers import Trainer
 
-from ..data import PackedBatch
+from ..data import PackedBatch, pack_pairs
 from ..losses import LossSpec, orpo_log_odds, preference_loss
 from ..models import causal_lm, is_peft
 from ..models.prefix_attention import unsupported_reason
 from .config import DPOConfig
 from .forward import PairLogps, chosen_nll_tokens, pair_logps
-from .packed_trainer import PackedTrainerMixin
+from .packed_trainer import PackedTrainer
 from .ref_sync import SyncRefModelCallback, check_sync_compatible
 from .reference import ReferenceModel, reference_logps, resolve_reference
 
@@ -28,8 +28,16 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
 
-class PreferenceTrainer(PackedTrainerMixin, Trainer):
-    """The DPO-family loss on packed micro-batches (``fastdpo.data.PackedBatch``); subclasses supply the data.
+class StepPairs(NamedTuple):
+    """What a step's DPO loss divides by: its pairs, and its chosen NLL tokens (the NLL term is their mean)."""
+
+    pairs: torch.Tensor
+    nll_tokens: torch.Tensor
+
+
+class PreferenceTrainer(PackedTrainer):
+    """The DPO-family loss on packed pairs (``fastdpo.data.pack_pairs``, with a shared prefix where the model's
+    attention supports it and ``args.prefix_sharing`` asks for it); subclasses supply the data.
 
     The loss is ``fastdpo.losses.preference_loss`` with ``args``' ``LossSpec``, averaged over the pairs of the
     effective batch (all micro-batches of one optimiser step, over all processes); the README's "Training"
@@ -43,21 +51,17 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
         NotImplementedError: ``sync_ref_model`` with a PEFT policy (TRL 1.16's check).
     """
 
-    # compute_loss already divides by the pairs of the whole effective batch
-    loss_is_scaled_for_ga = True
+    Counts = StepPairs
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, peft_config=None, **kwargs):
-        if peft_config is not None and not is_peft(model):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, **kwargs):
+        self.prefix_sharing = use_prefix_sharing(model, args)
+        kwargs.setdefault("data_collator", partial(pack_pairs, prefix_sharing=self.prefix_sharing))
+        super().__init__(model, args, **kwargs)
+        model = self.model
         _check_reference_options(model, ref_model, args)
         model_adapter = _set_up_adapters(model, args)
-        super().__init__(model=model, args=args, **kwargs)
         self.loss_spec = args.loss_spec()
-        self.init_metrics()
         self.aux_loss_enabled, self.router_aux_loss_coef = _router_aux_loss(model, args)
-        self._step_nll_tokens: torch.Tensor | None = None
         self.reference = resolve_reference(model, ref_model, args, self.loss_spec.needs_reference,
                                            self.accelerator.unwrap_model, model_adapter)
         if isinstance(self.reference, ReferenceModel):
@@ -78,19 +82,12 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
         return self.loss_spec
 
     # ------------------------------------------------------------------ data
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The micro-batches of one optimiser step and their number of pairs, over all processes; with an NLL
-        term also the effective batch's chosen NLL tokens, which each micro-batch's NLL mean divides by."""
-        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+    def count(self, batch: PackedBatch) -> StepPairs:
+        """The pairs of ``batch`` and, with an NLL term, its chosen NLL tokens, which each micro-batch's NLL mean
+        divides by."""
         spec = self.loss_spec
-        nll_tokens = sum(int(chosen_nll_tokens(b, with_prompt=spec.prompt_nll).sum()) for b in batch_samples) \
-            if spec.uses_nll else 0
-        counts = torch.tensor([[sum(b.num_pairs for b in batch_samples), nll_tokens]], device=device)
-        if self.args.world_size > 1:
-            counts = self.accelerator.gather(counts)
-        pairs, nll_tokens = counts.sum(0)
-        self._step_nll_tokens = nll_tokens if spec.uses_nll else None
-        return batch_samples, pairs
+        return StepPairs(batch.num_pairs,
+                         int(chosen_nll_tokens(batch, with_prompt=spec.prompt_nll).sum()) if spec.uses_nll else 0)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
@@ -102,8 +99,8 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
                             prompt_nll=spec.prompt_nll)
         ref = reference_logps(self.reference, model, inputs)
         nll_tokens = policy.nll_tokens.sum()
-        if num_items_in_batch is not None and self._step_nll_tokens is not None:
-            nll_tokens = self._step_nll_tokens * inputs.num_pairs / num_items_in_batch
+        if num_items_in_batch is not None and spec.uses_nll and self.step_counts is not None:
+            nll_tokens = self.step_counts.nll_tokens * inputs.num_pairs / num_items_in_batch
         losses, chosen_rewards, rejected_rewards = preference_loss(
             spec, policy.chosen, policy.rejected, *(ref or (None, None)),
             chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
