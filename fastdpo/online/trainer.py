@@ -18,14 +18,27 @@ from transformers import GenerationConfig
 from ..data import PackedBatch, pack_pairs, tokenize_prompts
 from ..losses import LossSpec
 from ..train import PreferenceTrainer
-from ..train.trainer import zero_loss
+from ..train.metrics import Mean, metric
+from ..train.trainer import PreferenceMetrics, zero_loss
 from .config import OnlineDPOConfig
 from .judges import LLMJudge, PairwiseJudge, RewardModelScorer, rank_by_scores
 
-# The per-pair metrics of PreferenceTrainer.loss_metrics: a micro-batch without ranked pairs reports them empty,
-# so that every process reduces the same entries.
-_PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected")
+
+@dataclass
+class OnlineMetrics(PreferenceMetrics):
+    """TRL 1.16's online DPO metrics (``OnlineDPOTrainer``'s docstring): the DPO ones, means over the ranked pairs
+    (``objective/*``), over the sampled completions (``val/contain_eos_token``), over the prompts
+    (``judge/unparseable``), and ``beta``."""
+
+    objective_kl: Mean | None = metric("objective/kl")
+    objective_entropy: Mean | None = metric("objective/entropy")
+    objective_non_score_reward: Mean | None = metric("objective/non_score_reward")
+    objective_scores: Mean | None = metric("objective/scores")
+    objective_scores_margin: Mean | None = metric("objective/scores_margin")
+    objective_rlhf_reward: Mean | None = metric("objective/rlhf_reward")
+    val_contain_eos_token: Mean | None = metric("val/contain_eos_token")
+    judge_unparseable: Mean | None = metric("judge/unparseable")
+    beta: Mean | None = None
 
 
 @dataclass(frozen=True)
@@ -230,38 +243,32 @@ class OnlineDPOTrainer(PreferenceTrainer):
         if inputs.num_pairs > 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         empty = inputs.contain_eos.new_zeros(0)
-        keys = _PAIR_METRICS + (("aux_loss",) if self.aux_loss_enabled else ())
-        per_pair = {k: empty for k in keys}
-        per_token = {"nll_loss": (empty.sum(), empty.sum())} if self.loss_spec.uses_nll else {}
-        self.metrics.add("train", inputs, *self._online_metrics(inputs, per_pair, per_token, None))
+        self.metrics.add("train", inputs, self._online_metrics(inputs, PreferenceMetrics(), kl=empty, entropy=empty))
         loss = zero_loss(model)
         return (loss, {}) if return_outputs else loss
 
-    def loss_metrics(self, batch: SampledPairs, policy, ref, *args, **kwargs) -> tuple[dict, dict]:
-        per_pair, per_token = super().loss_metrics(batch, policy, ref, *args, **kwargs)
-        return self._online_metrics(batch, per_pair, per_token, ref)
+    def loss_metrics(self, batch: SampledPairs, policy, ref, *args, **kwargs) -> OnlineMetrics:
+        chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
+        # per pair: means over pairs are means over completions
+        return self._online_metrics(batch, super().loss_metrics(batch, policy, ref, *args, **kwargs),
+                                    kl=(chosen - ref[0] + rejected - ref[1]) / 2, entropy=-(chosen + rejected) / 2)
 
-    def _online_metrics(self, batch: SampledPairs, per_pair: dict, per_token: dict, ref) -> tuple[dict, dict]:
-        """Adds TRL's online metrics (see the class docstring) to the loss metrics."""
-        beta = self.beta
-        if ref is not None:
-            kl_chosen = per_pair["logps/chosen"] - ref[0]
-            kl_rejected = per_pair["logps/rejected"] - ref[1]
-            kl = (kl_chosen + kl_rejected) / 2     # per pair: means over pairs are means over completions
-            entropy = -(per_pair["logps/chosen"] + per_pair["logps/rejected"]) / 2
-        else:
-            kl = entropy = batch.contain_eos.new_zeros(0)
-        per_pair = {**per_pair, "objective/kl": kl, "objective/entropy": entropy,
-                    "objective/non_score_reward": -beta * kl}
-        if self.scorer is not None:
-            scores = batch.scores
-            per_pair.update({"objective/scores": scores.mean(1), "objective/scores_margin": scores[:, 0] - scores[:, 1],
-                             "objective/rlhf_reward": scores.mean(1) - beta * kl})
-        per_token = {**per_token, "val/contain_eos_token": tuple(batch.contain_eos)}
-        if self.judge is not None:
-            per_token["judge/unparseable"] = tuple(batch.unparseable)
-        per_token["beta"] = (batch.contain_eos.new_tensor(beta), batch.contain_eos.new_tensor(1.0))
-        return per_pair, per_token
+    def _online_metrics(self, batch: SampledPairs, pairs: PreferenceMetrics, *, kl: torch.Tensor,
+                        entropy: torch.Tensor) -> OnlineMetrics:
+        """The loss metrics of ``pairs`` and TRL's online metrics (see the class docstring); ``kl`` and ``entropy``
+        [B] per ranked pair."""
+        beta, scores = self.beta, batch.scores
+        scored = self.scorer is not None
+        return OnlineMetrics(
+            **vars(pairs), objective_kl=Mean.of(kl), objective_entropy=Mean.of(entropy),
+            objective_non_score_reward=Mean.of(-beta * kl),
+            objective_scores=Mean.of(scores.mean(1)) if scored else None,
+            objective_scores_margin=Mean.of(scores[:, 0] - scores[:, 1]) if scored else None,
+            objective_rlhf_reward=Mean.of(scores.mean(1) - beta * kl) if scored else None,
+            val_contain_eos_token=Mean(*batch.contain_eos),
+            judge_unparseable=Mean(*batch.unparseable) if self.judge is not None else None,
+            beta=Mean(batch.contain_eos.new_tensor(beta), batch.contain_eos.new_tensor(1.0)),
+        )
 
 
 def _collate_prompts(rows: list[dict]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -9,8 +10,17 @@ import torch
 from ..data import PackedBatch
 from ..data.sft import BestFitBatchSampler, pack_sequences, sequence_length, tokenize_sft
 from ..train.forward import _label_logps
+from ..train.metrics import Mean, Metrics
 from ..train.packed_trainer import PackedTrainer
 from .config import SFTConfig
+
+
+@dataclass
+class SFTMetrics(Metrics):
+    """TRL's SFT metrics, means over the loss tokens."""
+
+    loss: Mean | None = None
+    mean_token_accuracy: Mean | None = None
 
 
 class StepTokens(NamedTuple):
@@ -86,8 +96,8 @@ class SFTTrainer(PackedTrainer):
             loss = nll.sum() / tokens.clamp_min(1)
         else:
             loss = nll.sum() / num_items_in_batch * self.accelerator.num_processes
-        self.metrics.add("train" if model.training else "eval", inputs, {}, {
-            "loss": (nll.detach().sum(), tokens), "mean_token_accuracy": (stats["is_argmax"].sum(), tokens)})
+        self.metrics.add("train" if model.training else "eval", inputs, SFTMetrics(
+            loss=Mean(nll.detach().sum(), tokens), mean_token_accuracy=Mean(stats["is_argmax"].sum(), tokens)))
         return (loss, {"per_token_nll": nll.detach()}) if return_outputs else loss
 
     def extra_logs(self) -> dict[str, float]:

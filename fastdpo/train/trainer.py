@@ -4,6 +4,7 @@ strategy and the loss over the pairs of the effective batch."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ from ..models import causal_lm, is_peft
 from ..models.prefix_attention import unsupported_reason
 from .config import DPOConfig
 from .forward import PairLogps, chosen_nll_tokens, pair_logps
+from .metrics import Mean, Metrics, metric
 from .packed_trainer import PackedTrainer
 from .ref_sync import SyncRefModelCallback, check_sync_compatible
 from .reference import ReferenceModel, reference_logps, resolve_reference
@@ -26,6 +28,23 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
     """A zero loss whose backward reaches every trainable parameter through no activation: a micro-batch left
     out of a step still gives DDP a gradient (of zeros) for each parameter."""
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class PreferenceMetrics(Metrics):
+    """TRL's DPO metrics: means over pairs, ``nll_loss`` over the chosen NLL tokens (with an NLL term)."""
+
+    loss: Mean | None = None
+    rewards_chosen: Mean | None = metric("rewards/chosen")
+    rewards_rejected: Mean | None = metric("rewards/rejected")
+    rewards_accuracies: Mean | None = metric("rewards/accuracies")
+    rewards_margins: Mean | None = metric("rewards/margins")
+    logps_chosen: Mean | None = metric("logps/chosen")
+    logps_rejected: Mean | None = metric("logps/rejected")
+    log_odds_ratio: Mean | None = None      # ORPO's
+    log_odds_chosen: Mean | None = None
+    aux_loss: Mean | None = None            # MoE router load balancing
+    nll_loss: Mean | None = None
 
 
 class StepPairs(NamedTuple):
@@ -116,8 +135,8 @@ class PreferenceTrainer(PackedTrainer):
         aux = policy.aux_loss if self.aux_loss_enabled else None
         if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
             loss = loss + self.router_aux_loss_coef * aux * share
-        per_pair, per_token = self.loss_metrics(inputs, policy, ref, losses, chosen_rewards, rejected_rewards, aux)
-        self.metrics.add("train" if model.training else "eval", inputs, per_pair, per_token)
+        self.metrics.add("train" if model.training else "eval", inputs,
+                         self.loss_metrics(inputs, policy, ref, losses, chosen_rewards, rejected_rewards, aux))
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
             else loss
 
@@ -137,8 +156,8 @@ class PreferenceTrainer(PackedTrainer):
 
     # --------------------------------------------------------------- metrics
     def loss_metrics(self, batch: PackedBatch, policy: PairLogps, ref, losses, chosen_rewards, rejected_rewards,
-                     aux=None) -> tuple[dict, dict]:
-        """TRL's per-pair metrics ({name: [B]}) and per-token ones ({name: (sum, count)}) of one micro-batch."""
+                     aux=None) -> PreferenceMetrics:
+        """TRL's metrics of one micro-batch: means over its pairs, and ``nll_loss`` over its chosen NLL tokens."""
         spec = self.step_loss_spec()
         chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
         losses = losses.detach()
@@ -146,22 +165,18 @@ class PreferenceTrainer(PackedTrainer):
             losses = losses + self.router_aux_loss_coef * aux.detach()
         if spec.length_normalised:
             chosen, rejected = chosen / policy.chosen_lengths, rejected / policy.rejected_lengths
-        per_pair = {
-            "loss": losses,
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen,
-            "logps/rejected": rejected,
-        }
-        if spec.prompt_nll:
-            log_odds = orpo_log_odds(chosen, rejected)
-            per_pair.update({"log_odds_ratio": torch.nn.functional.logsigmoid(log_odds), "log_odds_chosen": log_odds})
-        if aux is not None:   # weighted by pairs, as in the loss
-            per_pair["aux_loss"] = aux.detach().expand(losses.numel())
-        per_token = {"nll_loss": (policy.chosen_nll.detach().sum(), policy.nll_tokens.sum())} if spec.uses_nll else {}
-        return per_pair, per_token
+        log_odds = orpo_log_odds(chosen, rejected) if spec.prompt_nll else None
+        return PreferenceMetrics(
+            loss=Mean.of(losses), rewards_chosen=Mean.of(chosen_rewards), rewards_rejected=Mean.of(rejected_rewards),
+            rewards_accuracies=Mean.of((chosen_rewards > rejected_rewards).float()),
+            rewards_margins=Mean.of(chosen_rewards - rejected_rewards),
+            logps_chosen=Mean.of(chosen), logps_rejected=Mean.of(rejected),
+            log_odds_ratio=None if log_odds is None else Mean.of(torch.nn.functional.logsigmoid(log_odds)),
+            log_odds_chosen=None if log_odds is None else Mean.of(log_odds),
+            # weighted by pairs, as in the loss
+            aux_loss=None if aux is None else Mean.of(aux.detach().expand(losses.numel())),
+            nll_loss=Mean(policy.chosen_nll.detach().sum(), policy.nll_tokens.sum()) if spec.uses_nll else None,
+        )
 
 
 def _check_reference_options(model, ref_model, args: DPOConfig) -> None:
