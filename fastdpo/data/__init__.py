@@ -3,8 +3,19 @@ padding-free micro-batches (``PackedBatch``). Imports torch, datasets and ``fast
 
 from .formats import extract_prompt
 from .loading import load_preference_dataset
-from .packing import PackedBatch, TokenBudgetBatchSampler, pack_pairs, pair_length
+from .packing import (
+    Grouping,
+    PackedBatch,
+    PairGrouping,
+    Segment,
+    SegmentLayout,
+    TokenBudgetBatchSampler,
+    pack,
+    pack_pairs,
+    pair_length,
+)
 from .tokenization import tokenize_pairs, tokenize_prompts
 
-__all__ = ["PackedBatch", "TokenBudgetBatchSampler", "extract_prompt", "load_preference_dataset", "pack_pairs",
-           "pair_length", "tokenize_pairs", "tokenize_prompts"]
+__all__ = ["Grouping", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout", "TokenBudgetBatchSampler",
+           "extract_prompt", "load_preference_dataset", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
+           "tokenize_prompts"]

@@ -3,7 +3,7 @@
 them with a reward model or an LLM judge, and takes the DPO loss on the ranked pair through fastdpo's packed,
 fused log-probs.
 
-Data flow: prompts -> ``generate`` (two samples per prompt) -> ranking -> tokenised pair rows -> ``pack_pairs``
+Data flow: prompts -> ``generate`` (two samples per prompt) -> ranking -> tokenised pair rows -> ``pack``
 (``SampledPairs``) -> ``PreferenceTrainer.compute_loss`` (policy and reference log-probs, the loss) -> metrics.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from transformers import GenerationConfig
 
-from ..data import PackedBatch, pack_pairs, tokenize_prompts
+from ..data import PackedBatch, pack, tokenize_prompts
 from ..losses import LossSpec
 from ..train import PreferenceTrainer
 from ..train.metrics import Mean, metric
@@ -194,7 +194,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
                 rows.append({"prompt_input_ids": list(prompt_ids[i]), "chosen_input_ids": completions[chosen],
                              "rejected_input_ids": completions[rejected]})
                 ranked.append((chosen, rejected))
-        packed = pack_pairs(rows, prefix_sharing=self.prefix_sharing)
+        packed = pack(rows, self.grouping)
         return SampledPairs(
             **{f.name: getattr(packed, f.name) for f in fields(PackedBatch)},
             contain_eos=torch.tensor([float(contain_eos.sum()), 2.0 * b]),
@@ -240,7 +240,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
     def compute_loss(self, model, inputs: SampledPairs, return_outputs=False, num_items_in_batch=None):
         """``PreferenceTrainer.compute_loss``; a micro-batch without ranked pairs contributes a zero loss (reaching
         every trainable parameter, so that DDP still gets each gradient) and its generation metrics."""
-        if inputs.num_pairs > 0:
+        if inputs.num_rows > 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         empty = inputs.contain_eos.new_zeros(0)
         self.metrics.add("train", inputs, self._online_metrics(inputs, PreferenceMetrics(), kl=empty, entropy=empty))

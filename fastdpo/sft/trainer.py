@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 
 from ..data import PackedBatch
-from ..data.sft import BestFitBatchSampler, pack_sequences, sequence_length, tokenize_sft
-from ..train.forward import _label_logps
+from ..data.sft import SEQUENCES, BestFitBatchSampler, tokenize_sft
+from ..train.forward import label_logps
 from ..train.metrics import Mean, Metrics
 from ..train.packed_trainer import PackedTrainer
 from .config import SFTConfig
@@ -33,7 +33,7 @@ class StepTokens(NamedTuple):
 class SFTTrainer(PackedTrainer):
     """Supervised fine-tuning (TRL 1.16 ``SFTTrainer``'s data formats, masks, loss and metrics) on packed,
     padding-free micro-batches (``fastdpo.data.sft``) whose loss tokens alone reach the LM head, through
-    ``fastdpo.linear_logps`` (the model's own forward with ``logits_to_keep=1``, as DPO: ``_label_logps``).
+    ``fastdpo.linear_logps`` (the model's own forward with ``logits_to_keep=1``, as DPO: ``label_logps``).
 
     The loss is ``Σ NLL / loss tokens`` over the effective batch (every micro-batch of an optimiser step, on
     every process), whatever its split; evaluation averages over the eval set's loss tokens. Metrics (TRL's names):
@@ -53,11 +53,12 @@ class SFTTrainer(PackedTrainer):
     """
 
     tokenized_columns = ("input_ids",)
+    grouping = SEQUENCES
     Counts = StepTokens
 
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, **kwargs):
-        super().__init__(model, args or SFTConfig(output_dir="fastdpo-sft"), data_collator=data_collator or pack_sequences,
+        super().__init__(model, args or SFTConfig(output_dir="fastdpo-sft"), data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          peft_config=peft_config, **kwargs)
         self.num_tokens = 0
@@ -72,7 +73,7 @@ class SFTTrainer(PackedTrainer):
     def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
         if not self.args.packing:
             return self.row_batches(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size)
-        lengths = [sequence_length(row) for row in dataset.select_columns(["input_ids"])]
+        lengths = [self.grouping.length(row) for row in dataset.select_columns(["input_ids"])]
         return BestFitBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
 
     def count(self, batch: PackedBatch) -> StepTokens:
@@ -87,7 +88,8 @@ class SFTTrainer(PackedTrainer):
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
         """``Σ NLL`` of this micro-batch's loss tokens over the effective batch's (``num_items_in_batch``, all
         processes; scaled by the process count because DDP averages gradients), or its own mean without a count."""
-        logps, stats, _ = _label_logps(model, inputs, inputs.logit_index, inputs.targets, ("is_argmax",))
+        out = label_logps(model, inputs, stats=("is_argmax",))
+        logps = out.logps
         nll = -logps
         if self.args.loss_type == "dft":   # Dynamic Fine-Tuning: NLL weighted by the token's detached probability
             nll = nll * logps.detach().exp()
@@ -97,7 +99,7 @@ class SFTTrainer(PackedTrainer):
         else:
             loss = nll.sum() / num_items_in_batch * self.accelerator.num_processes
         self.metrics.add("train" if model.training else "eval", inputs, SFTMetrics(
-            loss=Mean(nll.detach().sum(), tokens), mean_token_accuracy=Mean(stats["is_argmax"].sum(), tokens)))
+            loss=Mean(nll.detach().sum(), tokens), mean_token_accuracy=Mean(out.stats["is_argmax"].sum(), tokens)))
         return (loss, {"per_token_nll": nll.detach()}) if return_outputs else loss
 
     def extra_logs(self) -> dict[str, float]:

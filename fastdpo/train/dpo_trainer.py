@@ -10,7 +10,7 @@ import torch
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
-from ..data import TokenBudgetBatchSampler, pair_length, tokenize_pairs
+from ..data import TokenBudgetBatchSampler, tokenize_pairs
 from ..data.packing import REF_COLUMNS
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
@@ -65,10 +65,6 @@ class DPOTrainer(PreferenceTrainer):
         return tokenize_pairs(dataset, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                               truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
 
-    def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int) -> TokenBudgetBatchSampler:
-        lengths = [pair_length(row, self.prefix_sharing) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
-        return TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
-
     # ------------------------------------------------------- precomputed reference
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
         """The dataset with reference log-prob columns, computed once per (data, reference weights, ld_alpha)
@@ -97,8 +93,7 @@ class DPOTrainer(PreferenceTrainer):
         model = self.ref_model if self.ref_model is not None else self.model
         rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
         chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
-        sampler = TokenBudgetBatchSampler([pair_length(row, self.prefix_sharing) for row in rows],
-                                          self.args.max_tokens_per_batch,
+        sampler = TokenBudgetBatchSampler([self.grouping.length(row) for row in rows], self.args.max_tokens_per_batch,
                                           shuffle=False)
         was_training = model.training
         model.eval()

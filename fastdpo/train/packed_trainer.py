@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from transformers import Trainer
 
-from ..data import PackedBatch
+from ..data import Grouping, PackedBatch, TokenBudgetBatchSampler, pack
 from ..data.packing import IndexedRows
 from ..models import is_peft
 from .checkpoints import AtomicCheckpointMixin
@@ -29,7 +30,9 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     A subclass declares what is its own:
 
     - ``tokenized_columns`` and ``tokenize``: when a dataset is already tokenised, and how raw rows are;
-    - ``batch_sampler``: the micro-batches (lists of row indices) of a dataset;
+    - ``grouping``: how a tokenised row becomes segments of the packed stream (``fastdpo.data.Grouping``), set
+      before this ``__init__``; the default collator packs rows with it;
+    - ``batch_sampler``, where micro-batches are not whole rows under ``max_tokens_per_batch`` tokens;
     - ``Counts`` and ``count``: what one micro-batch adds to its step's totals, the first field being the items
       the step's loss is divided by (``num_items_in_batch``);
     - ``compute_loss``, and optionally ``extra_logs``.
@@ -40,16 +43,18 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
 
     loss_is_scaled_for_ga = True
     tokenized_columns: tuple[str, ...] = ()
+    grouping: Grouping
     Counts: type[NamedTuple]
 
     def __init__(self, model, args: PackedConfig, *, train_dataset=None, eval_dataset=None, processing_class=None,
-                 peft_config=None, **kwargs):
+                 peft_config=None, data_collator=None, **kwargs):
         if peft_config is not None and not is_peft(model):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
         self.drop_reports: dict[str, dict] = {}
         super().__init__(model=model, args=args, processing_class=processing_class,
+                         data_collator=data_collator or partial(pack, grouping=self.grouping),
                          train_dataset=self._tokenized(train_dataset, processing_class, args, "train"),
                          eval_dataset=self._tokenized(eval_dataset, processing_class, args, "eval"), **kwargs)
         self.metrics = MetricWindow(
@@ -73,9 +78,11 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         return dataset
 
     def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
-        """The micro-batches (lists of row indices) of ``dataset``; ``batch_size`` is the Trainer's rows per device,
-        for a sampler that counts rows rather than tokens (``row_batches``)."""
-        raise NotImplementedError
+        """The micro-batches (lists of row indices) of ``dataset``: whole rows under ``max_tokens_per_batch`` tokens
+        (``TokenBudgetBatchSampler``). ``batch_size`` is the Trainer's rows per device, for a sampler that counts
+        rows rather than tokens (``row_batches``)."""
+        lengths = [self.grouping.length(row) for row in dataset.select_columns(list(self.tokenized_columns))]
+        return TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
 
     @staticmethod
     def row_batches(dataset, *, shuffle: bool, seed: int, batch_size: int) -> BatchSampler:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import NamedTuple
 
 import torch
 
-from ..data import PackedBatch, pack_pairs
+from ..data import PackedBatch, PairGrouping
 from ..losses import LossSpec, orpo_log_odds, preference_loss
 from ..models import causal_lm, is_peft
 from ..models.prefix_attention import unsupported_reason
@@ -55,7 +54,7 @@ class StepPairs(NamedTuple):
 
 
 class PreferenceTrainer(PackedTrainer):
-    """The DPO-family loss on packed pairs (``fastdpo.data.pack_pairs``, with a shared prefix where the model's
+    """The DPO-family loss on packed pairs (``fastdpo.data.PairGrouping``, with a shared prefix where the model's
     attention supports it and ``args.prefix_sharing`` asks for it); subclasses supply the data.
 
     The loss is ``fastdpo.losses.preference_loss`` with ``args``' ``LossSpec``, averaged over the pairs of the
@@ -73,8 +72,7 @@ class PreferenceTrainer(PackedTrainer):
     Counts = StepPairs
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, **kwargs):
-        self.prefix_sharing = use_prefix_sharing(model, args)
-        kwargs.setdefault("data_collator", partial(pack_pairs, prefix_sharing=self.prefix_sharing))
+        self.grouping = PairGrouping(use_prefix_sharing(model, args))
         super().__init__(model, args, **kwargs)
         model = self.model
         _check_reference_options(model, ref_model, args)
@@ -92,6 +90,11 @@ class PreferenceTrainer(PackedTrainer):
                     self.reference.model, lambda m: causal_lm(self.accelerator.unwrap_model(m))))
 
     @property
+    def prefix_sharing(self) -> bool:
+        """Whether pairs are packed ``[prompt][chosen][rejected]`` (``use_prefix_sharing``)."""
+        return self.grouping.prefix_sharing
+
+    @property
     def ref_model(self) -> torch.nn.Module | None:
         """The separate reference model, or None (no reference, adapters, or released after precomputing)."""
         return getattr(self.reference, "model", None)
@@ -105,7 +108,7 @@ class PreferenceTrainer(PackedTrainer):
         """The pairs of ``batch`` and, with an NLL term, its chosen NLL tokens, which each micro-batch's NLL mean
         divides by."""
         spec = self.loss_spec
-        return StepPairs(batch.num_pairs,
+        return StepPairs(batch.num_rows,
                          int(chosen_nll_tokens(batch, with_prompt=spec.prompt_nll).sum()) if spec.uses_nll else 0)
 
     # ------------------------------------------------------------------ loss
@@ -119,7 +122,7 @@ class PreferenceTrainer(PackedTrainer):
         ref = reference_logps(self.reference, model, inputs)
         nll_tokens = policy.nll_tokens.sum()
         if num_items_in_batch is not None and spec.uses_nll and self.step_counts is not None:
-            nll_tokens = self.step_counts.nll_tokens * inputs.num_pairs / num_items_in_batch
+            nll_tokens = self.step_counts.nll_tokens * inputs.num_rows / num_items_in_batch
         losses, chosen_rewards, rejected_rewards = preference_loss(
             spec, policy.chosen, policy.rejected, *(ref or (None, None)),
             chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
@@ -131,7 +134,7 @@ class PreferenceTrainer(PackedTrainer):
             loss, share = losses.mean(), 1.0
         else:
             loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
-            share = inputs.num_pairs / num_items_in_batch * self.accelerator.num_processes
+            share = inputs.num_rows / num_items_in_batch * self.accelerator.num_processes
         aux = policy.aux_loss if self.aux_loss_enabled else None
         if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
             loss = loss + self.router_aux_loss_coef * aux * share
@@ -145,13 +148,13 @@ class PreferenceTrainer(PackedTrainer):
         micro-batch is left out instead. Its backward would spread the NaN through every shared weight, so the
         skip returns ``zero_loss``."""
         bad = ~torch.isfinite(losses)
-        pairs = (inputs.pair_index[bad] if inputs.pair_index is not None else bad.nonzero().flatten()).tolist()
+        pairs = (inputs.row_index[bad] if inputs.row_index is not None else bad.nonzero().flatten()).tolist()
         where = f"step {self.state.global_step + 1}, training pair(s) {pairs} (losses {losses[bad].tolist()})"
         if not self.args.skip_nonfinite_losses:
             raise FloatingPointError(f"non-finite DPO loss at {where}; the weights were not updated. "
                                      "Set skip_nonfinite_losses to leave such micro-batches out.")
-        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", inputs.num_pairs, where)
-        self.metrics.add_total("train", "skipped_pairs", inputs.num_pairs)
+        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", inputs.num_rows, where)
+        self.metrics.add_total("train", "skipped_pairs", inputs.num_rows)
         return zero_loss(model)
 
     # --------------------------------------------------------------- metrics
