@@ -2,7 +2,7 @@
 padding-free micro-batches (``PackedBatch``). Imports torch, datasets and ``fastdpo.ops`` only, never transformers."""
 
 from .formats import extract_prompt
-from .loading import load_preference_dataset
+from .loading import load_rows
 from .packing import (
     Grouping,
     PackedBatch,
@@ -17,5 +17,5 @@ from .packing import (
 from .tokenization import tokenize_pairs, tokenize_prompts
 
 __all__ = ["Grouping", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout", "TokenBudgetBatchSampler",
-           "extract_prompt", "load_preference_dataset", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
+           "extract_prompt", "load_rows", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
            "tokenize_prompts"]

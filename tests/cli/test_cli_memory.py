@@ -75,7 +75,7 @@ def test_apply_prints_the_choice_and_warns_before_a_run_that_will_not_fit(tmp_pa
 
     args = config(tmp_path, max_length=64)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 64 << 30)
-    plan = memory.apply_memory_plan(args, set(), tiny_llama())
+    args, plan = memory.apply_memory_plan(args, set(), tiny_llama(), memory.pair_shape(args))
     out = capsys.readouterr()
     assert (plan.tokens, plan.checkpointing, plan.fits) == (1024, False, True) and not out.err
     assert (args.max_tokens_per_batch, args.gradient_accumulation_steps, args.activation_checkpointing) == (1024, 4, False)
@@ -83,7 +83,7 @@ def test_apply_prints_the_choice_and_warns_before_a_run_that_will_not_fit(tmp_pa
 
     args = config(tmp_path, max_length=64, max_tokens_per_batch=4096)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
-    plan = memory.apply_memory_plan(args, {"max_tokens_per_batch"}, tiny_llama())
+    _, plan = memory.apply_memory_plan(args, {"max_tokens_per_batch"}, tiny_llama(), memory.pair_shape(args))
     err = capsys.readouterr().err
     assert not plan.fits and plan.tokens == 4096 and plan.checkpointing   # the user's budget, checkpointed
     assert "may be killed for memory" in err and err.rstrip().splitlines()[-1].startswith("What to do: lower")

@@ -253,13 +253,13 @@ def test_precomputed_reference_with_ld_alpha(tmp_path):
 
 
 def test_cli_parses_loss_lists_and_every_loss_type():
-    from fastdpo.cli import parse_train_args
+    from fastdpo.cli import parse_command
 
-    _, args = parse_train_args(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss-type", "sigmoid",
+    _, args, _ = parse_command(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss-type", "sigmoid",
                                 "sft", "--loss-weights", "1.0", "0.5", "--ld-alpha", "0.5", "--use-weighting"])
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert args.ld_alpha == 0.5 and args.use_weighting
     for loss_type in LOSS_TYPES:
-        _, args = parse_train_args(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss_type",
+        _, args, _ = parse_command(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss_type",
                                     loss_type, "--label_smoothing", "0.1"])
         assert args.loss_type == [loss_type]
