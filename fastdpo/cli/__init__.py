@@ -1,4 +1,4 @@
-"""Layer 6, cli: the ``fastdpo`` command. Each subcommand lives in its own module, imported only when it runs, so
+"""Layer 7, cli: the ``fastdpo`` command. A subcommand's module is imported only when it runs (``SUBCOMMANDS``), so
 ``fastdpo --help`` loads nothing heavy; a subcommand may import every layer below."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Layer 2, data: load preference rows (local files, Hub names), find their prompts, tokenise them and pack them into
-padding-free micro-batches (``PackedBatch``). Imports torch, datasets and ``fastdpo.ops`` only, never transformers."""
+"""Layer 3, data: load rows (local files, Hub names), find the prompts of preference rows, tokenise them and pack them
+into padding-free micro-batches (``pack``: a ``Grouping`` per kind of row, segments in a ``PackedBatch``). Imports torch
+and datasets only: no other fastdpo layer, never transformers."""
 
 from .formats import extract_prompt
 from .loading import load_rows

@@ -16,13 +16,17 @@ from ..data import PackedBatch
 from ..losses import check_ld_alpha
 from ..models import causal_lm
 from ..models.prefix_attention import attention_inputs
-from ..ops import linear_logps, sequence_logps
+from ..ops import LogitTransform, linear_logps, sequence_logps
 
 
-def logit_transform(config) -> dict:
-    """The model's own logit transform (Cohere ``logit_scale``, Gemma-2 ``final_logit_softcapping``)."""
-    return {"logit_scale": getattr(config, "logit_scale", None) or 1.0,
-            "softcap": getattr(config, "final_logit_softcapping", None)}
+def logit_transform(config) -> LogitTransform:
+    """The model's own logit transform (Cohere ``logit_scale``, Gemma-2 ``final_logit_softcapping``).
+
+    Raises:
+        ValueError: a zero or non-finite scale, a non-positive soft-cap (``LogitTransform``'s checks).
+    """
+    return LogitTransform(logit_scale=getattr(config, "logit_scale", None) or 1.0,
+                          softcap=getattr(config, "final_logit_softcapping", None))
 
 
 @dataclass
@@ -70,8 +74,10 @@ def label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor 
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
-    result = linear_logps(captured[-1][0, index], _gathered(head.weight), targets, _gathered(head.bias),
-                          stats=stats, **logit_transform(lm.config))
+    transform = logit_transform(lm.config)
+    result = linear_logps(captured[-1][0, index], _gathered(head.weight), targets, _gathered(head.bias), stats=stats,
+                          logit_scale=transform.logit_scale, softcap=transform.softcap,
+                          temperature=transform.temperature)
     logps, stats = result if stats else (result, {})
     return LabelLogps(logps, stats, getattr(output, "aux_loss", None))
 
