@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .memory import apply_memory_plan
 from .options import COMMANDS, RunArguments, parse_command
 from .plot import curves_after_training
-from .report import METRICS, finished, first_last_table
+from .report import finished, first_last_table
 
 
 def _checkpoint_to_resume(args) -> str | None:
@@ -83,7 +83,7 @@ def load_data(script: RunArguments, args):
                                    eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed)
 
 
-def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...] = METRICS, eval_pairs: int | None = None,
+def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...], eval_pairs: int | None = None,
                estimated_peak_mib: float | None = None) -> dict:
     """Train ``trainer`` to the end (resuming as ``--resume-from-checkpoint`` asks), save the model or adapter with
     the tokenizer and ``trainer_state.json`` (the metric history, also without checkpoints), draw the curves, and

@@ -73,8 +73,7 @@ class SFTTrainer(PackedTrainer):
     def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
         if not self.args.packing:
             return self.row_batches(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size)
-        lengths = [self.grouping.length(row) for row in dataset.select_columns(["input_ids"])]
-        return BestFitBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+        return BestFitBatchSampler(self.row_lengths(dataset), self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
 
     def count(self, batch: PackedBatch) -> StepTokens:
         return StepTokens(batch.targets.numel(), batch.input_ids.numel())

@@ -10,7 +10,7 @@ import torch
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
-from ..data import TokenBudgetBatchSampler, tokenize_pairs
+from ..data import tokenize_pairs
 from ..data.packing import REF_COLUMNS
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
@@ -93,8 +93,7 @@ class DPOTrainer(PreferenceTrainer):
         model = self.ref_model if self.ref_model is not None else self.model
         rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
         chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
-        sampler = TokenBudgetBatchSampler([self.grouping.length(row) for row in rows], self.args.max_tokens_per_batch,
-                                          shuffle=False)
+        sampler = self.batch_sampler(rows, shuffle=False, seed=0, batch_size=self.args.per_device_eval_batch_size)
         was_training = model.training
         model.eval()
         try:

@@ -81,8 +81,12 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         """The micro-batches (lists of row indices) of ``dataset``: whole rows under ``max_tokens_per_batch`` tokens
         (``TokenBudgetBatchSampler``). ``batch_size`` is the Trainer's rows per device, for a sampler that counts
         rows rather than tokens (``row_batches``)."""
-        lengths = [self.grouping.length(row) for row in dataset.select_columns(list(self.tokenized_columns))]
-        return TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+        return TokenBudgetBatchSampler(self.row_lengths(dataset), self.args.max_tokens_per_batch, shuffle=shuffle,
+                                       seed=seed)
+
+    def row_lengths(self, dataset) -> list[int]:
+        """Tokens each row of a tokenised dataset occupies in a packed stream (``grouping.length``)."""
+        return [self.grouping.length(row) for row in dataset.select_columns(list(self.tokenized_columns))]
 
     @staticmethod
     def row_batches(dataset, *, shuffle: bool, seed: int, batch_size: int) -> BatchSampler:
