@@ -1,10 +1,10 @@
 """fastdpo: fused, memory-lean log-probabilities and trainers for DPO-family preference fine-tuning.
 
-Layers, each importing only those before it: ``fastdpo.kernels`` and ``fastdpo.ops`` (fused log-probs) and
-``fastdpo.losses``, ``fastdpo.data``, ``fastdpo.models``, ``fastdpo.train``, ``fastdpo.online`` and
-``fastdpo.sft``, then
-``fastdpo.integrations`` and ``fastdpo.cli``. The names below load their layer on first use (PEP 562), so
-``from fastdpo import linear_logps`` imports torch and nothing of transformers.
+Layers, each importing only its own and lower ranks (``tests/test_layout.py`` enforces them): 0 ``fastdpo.kernels``,
+1 ``fastdpo.ops`` (fused log-probs), 2 ``fastdpo.losses``, 3 ``fastdpo.data``, 4 ``fastdpo.models``, 5 ``fastdpo.train``
+(the packed-training base and DPO), 6 ``fastdpo.online`` and ``fastdpo.sft``, 7 ``fastdpo.integrations`` and
+``fastdpo.cli``. The names below load their layer on first use (PEP 562), so ``from fastdpo import linear_logps``
+imports torch and nothing of transformers.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _EXPORTS = {
     "linear_logps": "ops", "linear_logps_with_stats": "ops", "LogpsWithStats": "ops", "logits_logps": "ops",
     "sequence_logps": "ops", "linear_cross_entropy": "ops",
     "LOSS_TYPES": "losses", "LossSpec": "losses", "dpo_loss": "losses",
-    "DPOConfig": "train", "DPOTrainer": "train",
+    "DPOConfig": "train", "DPOTrainer": "train", "PackedConfig": "train", "PackedTrainer": "train",
     "OnlineDPOConfig": "online", "OnlineDPOTrainer": "online",
     "SFTConfig": "sft", "SFTTrainer": "sft",
 }

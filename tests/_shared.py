@@ -10,11 +10,21 @@ HH_HARMLESS = SHARED / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
 ULTRAFEEDBACK = SHARED / "data" / "ultrafeedback-binarized"
 
 
+def require(path, what: str) -> None:
+    """Skip the calling test (or fixture), with the reason, when a shared file it needs is absent."""
+    import pytest
+
+    if not path.exists():
+        pytest.skip(f"{what} not present at {path} (the test suite's shared data, ../shared)")
+
+
 @lru_cache(maxsize=1)
 def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's real tokenizer (ChatML template, eos <|im_end|> id 2), from the GGUF."""
+    """SmolLM2-135M-Instruct's real tokenizer (ChatML template, eos <|im_end|> id 2), from the GGUF; skips the test
+    when the GGUF is absent."""
     from transformers import AutoTokenizer
 
+    require(SMOLLM2_GGUF, "the shared SmolLM2 GGUF")
     return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name)
 
 

@@ -12,13 +12,14 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """A fastdpo cache holding the one conversion of the shared SmolLM2 GGUF made in this test session."""
-    from _shared import SMOLLM2_DIR, SMOLLM2_GGUF
-    from fastdpo.models import sources as models
+    from _shared import SMOLLM2_DIR, SMOLLM2_GGUF, require
+    from fastdpo.models import ModelSource, gguf_checkpoint
 
+    require(SMOLLM2_GGUF, "the shared SmolLM2 GGUF")
     cache = tmp_path_factory.mktemp("smollm2-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTDPO_CACHE", str(cache))
-        models.gguf_checkpoint(models.ModelSource(str(SMOLLM2_DIR), SMOLLM2_GGUF.name))
+        gguf_checkpoint(ModelSource(str(SMOLLM2_DIR), SMOLLM2_GGUF.name))
     return cache
 
 

@@ -6,7 +6,6 @@ import torch
 from _reference import rel_err
 from _shared import SMOLLM2_GGUF, write_hh_pairs
 from fastdpo import cli
-from fastdpo.cli.sft import parse_sft_args
 from fastdpo.data.packing import pack_pairs
 from fastdpo.train.forward import packed_sequence_logps
 
@@ -28,7 +27,7 @@ def test_help_documents_every_option(capsys):
     for option in ("--dataset", "--model", "--use_peft", "--load_in_4bit", "--ref_model", "--max_tokens_per_batch",
                    "--precompute_ref_log_probs", "--beta", "--loss_type", "--config", "--max_samples", "--eval_fraction"):
         assert option in out
-    undocumented = [a.dest for a in cli._train_parser()._actions if a.dest != "help" and not (a.help or "").strip()]
+    undocumented = [a.dest for a in cli.command_parser()._actions if a.dest != "help" and not (a.help or "").strip()]
     assert not undocumented
 
 
@@ -45,33 +44,34 @@ def test_missing_file_and_required_dataset(tmp_path, capsys):
                      "--model", str(SMOLLM2_GGUF)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        cli.parse_train_args(["--output-dir", str(tmp_path)])
+        cli.parse_command(["--output-dir", str(tmp_path)])
     assert e.value.code == 2 and "--dataset is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.parse_train_args(["--dataset", "d.jsonl", "--load-in-4bit"])
+        cli.parse_command(["--dataset", "d.jsonl", "--load-in-4bit"])
     assert "add --use-peft" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("parse", [cli.parse_train_args, parse_sft_args])
-def test_new_adapter_options_with_a_saved_adapter_are_refused(parse, capsys):
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_new_adapter_options_with_a_saved_adapter_are_refused(command, capsys):
     """A saved adapter keeps its own r/alpha/dropout/targets: an option that would shape a new one is an error."""
     with pytest.raises(SystemExit) as e:
-        parse(["--dataset", "d.jsonl", "--adapter", "sft-out", "--lora-dropout", "0", "--lora-r", "8"])
+        cli.parse_command(["--dataset", "d.jsonl", "--adapter", "sft-out", "--lora-dropout", "0", "--lora-r", "8"],
+                          command)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--lora-r, --lora-dropout shape a new adapter" in err
-    script, _ = parse(["--dataset", "d.jsonl", "--adapter", "sft-out", "--output-dir", "o"])
+    script, _, _ = cli.parse_command(["--dataset", "d.jsonl", "--adapter", "sft-out", "--output-dir", "o"], command)
     assert script.adapter == "sft-out"
 
 
 def test_yaml_config_with_command_line_override(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("dataset: data.jsonl\nbeta: 0.3\nmax_length: 99\nuse_peft: true\nlora_r: 4\n")
-    script, args = cli.parse_train_args(["--config", str(config), "--beta", "0.2", "--output-dir", str(tmp_path)])
+    script, args, _ = cli.parse_command(["--config", str(config), "--beta", "0.2", "--output-dir", str(tmp_path)])
     assert (script.dataset, script.use_peft, script.lora_r) == ("data.jsonl", True, 4)
     assert (args.beta, args.max_length) == (0.2, 99)
     config.write_text("dataset: data.jsonl\nbetta: 0.3\n")
     with pytest.raises(SystemExit):
-        cli.parse_train_args(["--config", str(config)])
+        cli.parse_command(["--config", str(config)])
     err = capsys.readouterr().err
     assert "unknown keys in" in err and "betta" in err
 

@@ -1,4 +1,4 @@
-"""Layer 6, cli: the ``fastdpo`` command. Each subcommand lives in its own module, imported only when it runs, so
+"""Layer 7, cli: the ``fastdpo`` command. A subcommand's module is imported only when it runs (``SUBCOMMANDS``), so
 ``fastdpo --help`` loads nothing heavy; a subcommand may import every layer below."""
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ SUBCOMMANDS = {
     "train": ("Preference-tune a causal LM with DPO (packed batches, fused log-probs).", ".training:train"),
     "train-online": ("Online DPO: sample two completions per prompt, rank them with a reward model or an LLM judge, "
                      "train on the ranked pairs (packed batches, fused log-probs).", ".training:train"),
-    "sft": ("Supervised fine-tuning, the step before DPO (packed sequences, fused cross-entropy).", ".sft:main"),
+    "sft": ("Supervised fine-tuning, the step before DPO (packed sequences, fused cross-entropy).", ".training:train"),
     "plot": ("Plot a run's training curves (loss, rewards) from its trainer_state.json.", ".plot:main"),
 }
 
 
-def __getattr__(name: str):
-    # the train command's functions, for callers and tests that use them programmatically
-    if name in ("parse_train_args", "train", "TrainArguments", "_train_parser"):
-        from . import training
+#: the training commands' functions, for callers that run or parse them programmatically
+_LAZY = {"train": ".training", "parse_command": ".options", "command_parser": ".options"}
 
-        return getattr(training, name)
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

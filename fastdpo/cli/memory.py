@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 GIB = 1 << 30
@@ -147,57 +147,105 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def apply_memory_plan(args, given: set[str], model, ref_model=None, *, online: bool = False) -> MemoryPlan:
-    """Estimate the run's peak memory, set what the user left open (``max_tokens_per_batch``, with
-    ``gradient_accumulation_steps`` raised to keep ``DPOConfig``'s tokens per optimiser step, and
-    ``activation_checkpointing``) on ``args``, print the estimate and the choices, and warn on stderr when the
-    run will not fit. ``given``: the fields the user set (``fastdpo.cli.options.given_options``).
+@dataclass(frozen=True)
+class BatchShape:
+    """What the plan needs of a command's micro-batches.
 
-    Online, a micro-batch is ``per_device_train_batch_size`` prompts × 2 completions of up to ``max_length``
-    tokens, so only checkpointing is chosen."""
+    Attributes:
+        row_tokens: the most tokens one row (a pair, a sequence) can take.
+        row: what a row needs, for the warning ("a pair needs up to 2 × --max-length").
+        rows_per_batch: micro-batches of this many rows, so no token budget to choose; None: whole rows under
+            ``max_tokens_per_batch``.
+        frozen_copy: a fully fine-tuned policy gets a frozen copy of itself as its reference.
+    """
+
+    row_tokens: int
+    row: str
+    rows_per_batch: int | None = None
+    frozen_copy: bool = False
+
+
+def _longest(args, sequences: int) -> int:
+    return sequences * args.max_length if args.max_length else _default_budget(args)
+
+
+def _default_budget(args) -> int:
+    return type(args).__dataclass_fields__["max_tokens_per_batch"].default
+
+
+def pair_shape(args) -> BatchShape:
+    """``fastdpo train``: pairs of up to 2 × ``max_length`` tokens under the token budget."""
+    return BatchShape(_longest(args, 2), "a pair needs up to 2 × --max-length",
+                      frozen_copy=args.loss_spec().needs_reference)
+
+
+def prompt_shape(args) -> BatchShape:
+    """``fastdpo train-online``: ``per_device_train_batch_size`` prompts × 2 completions of up to ``max_length``."""
+    return replace(pair_shape(args), rows_per_batch=args.per_device_train_batch_size)
+
+
+def sequence_shape(args) -> BatchShape:
+    """``fastdpo sft``: sequences of up to ``max_length`` tokens, packed under the budget or ``per_device_train_batch_size``
+    at a time."""
+    return BatchShape(_longest(args, 1), "a sequence needs up to --max-length",
+                      rows_per_batch=None if args.packing else args.per_device_train_batch_size)
+
+
+def apply_memory_plan(args, given: set[str], model, shape: BatchShape, ref_model=None):
+    """Estimate the run's peak memory, choose what the user left open (``max_tokens_per_batch``, with
+    ``gradient_accumulation_steps`` raised to keep the config's default tokens per optimiser step, and
+    ``activation_checkpointing``), print the estimate and the choices, and warn on stderr when the run will not fit.
+
+    Args:
+        args: the run's config (a ``PackedConfig``), not changed.
+        given: the fields the user set (``fastdpo.cli.options.parse_command``).
+        shape: its micro-batches; with ``rows_per_batch`` only checkpointing is chosen.
+
+    Returns:
+        (a copy of ``args`` with the choices, validated as the config validates itself; the ``MemoryPlan``).
+    """
     device = "cuda" if args.device.type == "cuda" else "cpu"
-    shape = ModelShape.of(model)
+    model_shape = ModelShape.of(model)
     peft = hasattr(model, "peft_config")
     if ref_model is not None:
         extra = ModelShape.of(ref_model).weight_bytes
-    else:   # a fully fine-tuned policy gets a frozen copy as its reference
-        extra = 0 if peft or not args.loss_spec().needs_reference else shape.weight_bytes
-    budget_default = type(args).__dataclass_fields__["max_tokens_per_batch"].default
-    longest = 2 * args.max_length if args.max_length else budget_default
-    if online:
-        tokens = args.per_device_train_batch_size * longest
+    else:
+        extra = model_shape.weight_bytes if shape.frozen_copy and not peft else 0
+    budget_default, longest = _default_budget(args), shape.row_tokens
+    if shape.rows_per_batch is not None:
+        tokens = shape.rows_per_batch * longest
     else:
         tokens = args.max_tokens_per_batch if "max_tokens_per_batch" in given else None
     checkpointing = (bool(args.activation_checkpointing)
                      if given & {"activation_checkpointing", "gradient_checkpointing"} else None)
     default = max(longest, CPU_TOKENS_PER_BATCH if device == "cpu" else budget_default)
-    plan = plan_memory(lambda t, c: estimate_peak_bytes(shape, t, checkpointing=c, extra_weight_bytes=extra,
+    plan = plan_memory(lambda t, c: estimate_peak_bytes(model_shape, t, checkpointing=c, extra_weight_bytes=extra,
                                                         device=device),
                        available_bytes(device), tokens=tokens, checkpointing=checkpointing,
                        default_tokens=default, min_tokens=min(longest, default))
-    chosen = []
+    settings, chosen = {}, []
     if tokens is None:
-        args.max_tokens_per_batch = plan.tokens
+        settings["max_tokens_per_batch"] = plan.tokens
         chosen.append(f"--max-tokens-per-batch {plan.tokens}")
         if "gradient_accumulation_steps" not in given and plan.tokens < budget_default:
-            args.gradient_accumulation_steps = -(-budget_default // plan.tokens)
-            chosen.append(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} "
+            settings["gradient_accumulation_steps"] = -(-budget_default // plan.tokens)
+            chosen.append(f"--gradient-accumulation-steps {settings['gradient_accumulation_steps']} "
                           f"(~{budget_default} tokens per optimiser step)")
     if checkpointing is None:
-        args.activation_checkpointing = args.gradient_checkpointing = plan.checkpointing
+        settings["activation_checkpointing"] = plan.checkpointing
         chosen.append(f"--activation-checkpointing {str(plan.checkpointing).lower()}")
     if device == "cpu" and "dataloader_pin_memory" not in given:
-        args.dataloader_pin_memory = False   # pinned memory needs an accelerator; torch warns otherwise
+        settings["dataloader_pin_memory"] = False   # pinned memory needs an accelerator; torch warns otherwise
     where = f" of {_gib(plan.available)} available" if plan.available is not None else ""
-    print(f"[fastdpo] memory: estimated peak {_gib(plan.estimate)}{where} ({shape.layers} layers × {shape.hidden}, "
-          f"{shape.trainable_params / 1e6:.1f}M trainable parameters, {plan.tokens}-token micro-batches, "
-          f"activation checkpointing {'on' if plan.checkpointing else 'off'})", flush=True)
+    print(f"[fastdpo] memory: estimated peak {_gib(plan.estimate)}{where} ({model_shape.layers} layers × "
+          f"{model_shape.hidden}, {model_shape.trainable_params / 1e6:.1f}M trainable parameters, {plan.tokens}-token "
+          f"micro-batches, activation checkpointing {'on' if plan.checkpointing else 'off'})", flush=True)
     if chosen:
         print(f"[fastdpo] memory: chose {', '.join(chosen)}; give them to override", flush=True)
     if not plan.fits:
         print(f"[fastdpo] warning: the estimated peak {_gib(plan.estimate)} is over {FIT_FRACTION:.0%} of the "
               f"{_gib(plan.available)} available: the run may be killed for memory.\nWhat to do: lower "
-              f"{'--per-device-train-batch-size' if online else '--max-tokens-per-batch'} (a pair needs up to "
-              f"2 × --max-length = {longest} tokens), set --activation-checkpointing true"
+              f"{'--per-device-train-batch-size' if shape.rows_per_batch is not None else '--max-tokens-per-batch'} "
+              f"({shape.row} = {longest} tokens), set --activation-checkpointing true"
               f"{', or train LoRA adapters (--use-peft)' if not peft else ''}.", file=sys.stderr, flush=True)
-    return plan
+    return replace(args, **settings), plan

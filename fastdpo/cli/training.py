@@ -1,5 +1,6 @@
-"""``fastdpo train`` preference-tunes a causal LM with fused log-probs on a preference dataset; ``fastdpo
-train-online`` does online DPO on a dataset of prompts. Their options: ``fastdpo.cli.options``.
+"""The training commands: ``fastdpo train`` preference-tunes a causal LM with fused log-probs on a preference dataset,
+``fastdpo train-online`` does online DPO on a dataset of prompts, ``fastdpo sft`` supervised fine-tuning (the step
+before DPO). Their options and what tells them apart: ``fastdpo.cli.options`` (``COMMANDS``).
 
 A run prints its memory estimate and the settings chosen to fit it (``fastdpo.cli.memory``), and ends with a
 first → last table of the metrics (``fastdpo.cli.report``) and ``training_curves.png`` (``fastdpo.cli.plot``).
@@ -18,11 +19,9 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .memory import apply_memory_plan
-from .options import TrainArguments, _config_path, _train_parser, given_options, parse_train_args
+from .options import COMMANDS, RunArguments, parse_command
 from .plot import curves_after_training
-from .report import METRICS, finished, first_last_table
-
-__all__ = ["TrainArguments", "_config_path", "_train_parser", "load_policy", "parse_train_args", "train"]
+from .report import finished, first_last_table
 
 
 def _checkpoint_to_resume(args) -> str | None:
@@ -36,9 +35,10 @@ def _checkpoint_to_resume(args) -> str | None:
     return last
 
 
-def load_policy(script: TrainArguments, args):
+def load_policy(script: RunArguments, args, *, reference: bool):
     """(tokenizer, policy, reference model or None) as the command line asks: the source resolved, the model
-    loaded (4-bit with ``--load-in-4bit``), wrapped in a saved or a new LoRA adapter, and ``--ref-model``."""
+    loaded (4-bit with ``--load-in-4bit``), wrapped in a saved or a new LoRA adapter, and, for a command with a
+    ``reference`` (its config's adapter names, ``script.ref_model``), ``--ref-model``."""
     from ..models import (
         apply_lora,
         default_attn_implementation,
@@ -54,13 +54,13 @@ def load_policy(script: TrainArguments, args):
                 attn_implementation=script.attn_implementation or default_attn_implementation(args.device.type))
     model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
     if script.adapter:
-        model = load_lora_adapter(model, script.adapter, adapter_name=getattr(args, "model_adapter_name", None)
-                                  or "default", ref_adapter_name=getattr(args, "ref_adapter_name", None),
+        names = (args.model_adapter_name, args.ref_adapter_name) if reference else (None, None)
+        model = load_lora_adapter(model, script.adapter, adapter_name=names[0] or "default", ref_adapter_name=names[1],
                                   quantized=script.load_in_4bit)
     elif script.use_peft:
         model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                            target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
-    ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if script.ref_model else None
+    ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if reference and script.ref_model else None
     return tokenizer, model, ref_model
 
 
@@ -74,21 +74,21 @@ def begin_run() -> float:
     return time.perf_counter()
 
 
-def load_data(script: TrainArguments, args):
+def load_data(script: RunArguments, args):
     """(train, eval or None) datasets as the command line asks. Called before the model loads, so that a mistyped
     path or a broken file fails before minutes of model loading."""
-    from ..data import load_preference_dataset
+    from ..data import load_rows
 
-    return load_preference_dataset(script.dataset, split=script.dataset_split, eval_split=script.eval_split,
+    return load_rows(script.dataset, split=script.dataset_split, eval_split=script.eval_split,
                                    eval_fraction=script.eval_fraction, max_samples=script.max_samples, seed=args.seed)
 
 
-def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...] = METRICS, eval_pairs: int | None = None,
+def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...], eval_pairs: int | None = None,
                estimated_peak_mib: float | None = None) -> dict:
     """Train ``trainer`` to the end (resuming as ``--resume-from-checkpoint`` asks), save the model or adapter with
     the tokenizer and ``trainer_state.json`` (the metric history, also without checkpoints), draw the curves, and
     print and return the summary (wall time, peak RSS, the estimate, dropped rows, the curves' path)."""
-    drops = getattr(trainer, "drop_reports", {})   # online DPO tokenises prompts only: nothing is dropped
+    drops = trainer.drop_reports
     for split, report in drops.items():
         print(f"[fastdpo] {split}: {report}", flush=True)
     trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
@@ -109,22 +109,20 @@ def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...] = METRIC
 
 
 def train(argv: list[str], command: str = "train"):
-    """Run ``fastdpo train`` (or ``train-online``): returns the finished ``DPOTrainer`` (``OnlineDPOTrainer``)
-    and a summary (wall time, peak RSS, dropped pairs, the memory plan, the curves' path), which is also printed."""
-    if command == "train-online":
-        from ..online import OnlineDPOTrainer as trainer_class
-    else:
-        from ..train import DPOTrainer as trainer_class
-
-    script, args = parse_train_args(argv, command)
+    """Run the training command ``command`` (``fastdpo train``, ``train-online`` or ``sft``): returns the finished
+    trainer and a summary (wall time, peak RSS and its estimate, dropped rows, the curves' path), which is also
+    printed."""
+    spec = COMMANDS[command]
+    script, args, given = parse_command(argv, command)
     start = begin_run()
     train_ds, eval_ds = load_data(script, args)
     # Seeded before the model is built, so LoRA's random init is the same in every run and on every rank.
     set_seed(args.seed, deterministic=args.full_determinism)
-    tokenizer, model, ref_model = load_policy(script, args)
-    plan = apply_memory_plan(args, given_options(argv, command), model, ref_model, online=command == "train-online")
-    # train-online has no eval split (parse_train_args refuses one), so eval_ds is None there
-    trainer = trainer_class(model, ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer)
-    eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset else None
-    return trainer, finish_run(trainer, args, start, eval_pairs=eval_pairs, estimated_peak_mib=plan.estimate / 2**20)
+    tokenizer, model, ref_model = load_policy(script, args, reference=spec.reference)
+    args, plan = apply_memory_plan(args, given, model, spec.shape(args), ref_model)
+    # a command without evaluation refuses eval options (parse_command), so eval_ds is None there
+    trainer = spec.load("trainer")(model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                   processing_class=tokenizer, **({"ref_model": ref_model} if spec.reference else {}))
+    eval_rows = len(trainer.eval_dataset) if trainer.eval_dataset else None
+    return trainer, finish_run(trainer, args, start, metrics=spec.metrics, eval_pairs=eval_rows,
+                               estimated_peak_mib=plan.estimate / 2**20)

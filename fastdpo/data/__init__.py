@@ -1,10 +1,22 @@
-"""Layer 2, data: load preference rows (local files, Hub names), find their prompts, tokenise them and pack them into
-padding-free micro-batches (``PackedBatch``). Imports torch, datasets and ``fastdpo.ops`` only, never transformers."""
+"""Layer 3, data: load rows (local files, Hub names), find the prompts of preference rows, tokenise them and pack them
+into padding-free micro-batches (``pack``: a ``Grouping`` per kind of row, segments in a ``PackedBatch``). Imports torch
+and datasets only: no other fastdpo layer, never transformers."""
 
 from .formats import extract_prompt
-from .loading import load_preference_dataset
-from .packing import PackedBatch, TokenBudgetBatchSampler, pack_pairs, pair_length
+from .loading import load_rows
+from .packing import (
+    Grouping,
+    PackedBatch,
+    PairGrouping,
+    Segment,
+    SegmentLayout,
+    TokenBudgetBatchSampler,
+    pack,
+    pack_pairs,
+    pair_length,
+)
 from .tokenization import tokenize_pairs, tokenize_prompts
 
-__all__ = ["PackedBatch", "TokenBudgetBatchSampler", "extract_prompt", "load_preference_dataset", "pack_pairs",
-           "pair_length", "tokenize_pairs", "tokenize_prompts"]
+__all__ = ["Grouping", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout", "TokenBudgetBatchSampler",
+           "extract_prompt", "load_rows", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
+           "tokenize_prompts"]

@@ -15,7 +15,7 @@ _LOADERS = {
 }
 
 
-def load_preference_dataset(
+def load_rows(
     source: str,
     *,
     split: str = "train",
@@ -24,7 +24,7 @@ def load_preference_dataset(
     max_samples: int | None = None,
     seed: int = 42,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Load a preference dataset (or any row dataset, e.g. the prompts of online DPO) and its optional eval set.
+    """Load a dataset of rows (preference pairs, prompts for online DPO, SFT rows) and its optional eval set.
 
     Args:
         source: a local file (``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz``, ``.parquet``, ``.csv``; it

@@ -1,39 +1,73 @@
-"""Padding-free micro-batches: tokenised pairs -> one flat token stream under a token budget.
+"""Padding-free micro-batches: tokenised rows -> one flat token stream of segments, under a token budget.
 
-Two layouts, a pair never splitting across micro-batches and no pad token in either:
+A ``Grouping`` says how one row becomes segments (a trainer adds one; ``pack`` does the rest): a segment is a
+document of its own, its positions starting at 0, or a branch off the first p tokens of its row's first segment
+(a shared prefix), its positions running on from p. The position ids alone carry the layout: a drop to 0 starts a
+new document, a drop to p > 0 starts a branch that attends to its document's first p tokens and to itself, never to
+the tokens between; ``SegmentLayout`` spells that out for the attention kernels. Only the positions that predict a
+scored token are sent to the LM head. No pad token, and a row never splits across micro-batches.
 
-- unshared: ``[prompt + chosen][prompt + rejected]``, positions restarting at 0 per sequence;
-- shared prefix (Wang & Hegde 2024, arXiv 2410.20305): ``[prompt][chosen][rejected]``, the prompt once.
-  Positions run 0 … P+C−1 over prompt + chosen and P … P+R−1 over rejected, so RoPE sees each
-  completion as in ``prompt + completion``. The position ids alone carry the layout: a drop to 0 starts
-  a new document, a drop to p > 0 starts a branch that attends to its document's first p tokens (the
-  prompt) and to itself, never to chosen. ``SegmentLayout`` spells that out for the attention kernels.
+Preference pairs (``PairGrouping``, ``pack_pairs``) have two layouts:
 
-Only the positions that predict a completion token are sent to the LM head.
+- unshared: ``[prompt + chosen][prompt + rejected]``, two documents;
+- shared prefix (Wang & Hegde 2024, arXiv 2410.20305): ``[prompt][chosen][rejected]``, the prompt once: rejected is
+  a branch off the prompt, so RoPE sees each completion as in ``prompt + completion``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch.utils.data import Sampler
 
+IGNORE_INDEX = -100
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def pair_length(row: dict, prefix_sharing: bool = False) -> int:
-    """Tokens a pair occupies in a packed stream: P + C + R with ``prefix_sharing``, else 2P + C + R."""
-    prompts = 1 if prefix_sharing else 2
-    return prompts * len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) + len(row["rejected_input_ids"])
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a row in a packed stream.
+
+    Attributes:
+        ids: its token ids (non-empty).
+        labels: one per token: the id whose log-prob is scored there, or ``IGNORE_INDEX``. A document's first token
+            is never scored (nothing before it predicts it); a branch's first token is predicted from the last
+            token of its prefix.
+        prefix: 0 for a document of its own; p > 0 for a branch off the first p tokens of the row's first segment.
+    """
+
+    ids: list[int]
+    labels: list[int]
+    prefix: int = 0
+
+
+class Grouping:
+    """How a tokenised row becomes ``size`` segments of a packed stream; what a new trainer adds to pack its rows.
+
+    Attributes:
+        size: segments per row (2: a DPO pair; 1: an SFT sequence).
+        columns: per-row float columns a packed batch carries (``PackedBatch.row_values``) when every row has them.
+    """
+
+    size: int = 1
+    columns: tuple[str, ...] = ()
+
+    def segments(self, row: dict, index: int) -> list[Segment]:
+        """The ``size`` segments of ``row`` (``index``: the row's number, to name it in an error)."""
+        raise NotImplementedError
+
+    def length(self, row: dict) -> int:
+        """Tokens the row occupies in a packed stream."""
+        return sum(len(s.ids) for s in self.segments(row, 0))
 
 
 @dataclass(frozen=True)
 class SegmentLayout:
-    """The keys of each segment of a shared-prefix stream, in flash-attention's varlen terms: S = 2B segments
-    (``prompt + chosen``, then ``rejected``), queries in stream order, keys gathered by ``kv_index`` (a root
-    segment's own tokens; a branch's prompt, then its own tokens), causal aligned bottom-right.
+    """The keys of each segment of a stream with branches, in flash-attention's varlen terms: queries in stream order,
+    keys gathered by ``kv_index`` (a document's own tokens; a branch's prefix, then its own tokens), causal aligned
+    bottom-right.
 
     Attributes:
         cu_seqlens_q: [S + 1] int32 query boundaries in the stream. cu_seqlens_k: [S + 1] int32 boundaries in
@@ -54,19 +88,19 @@ class SegmentLayout:
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """One packed micro-batch of B pairs in 2B segments: ``prompt + chosen`` then ``prompt + rejected`` per pair
-    (unshared), or ``prompt + chosen`` then ``rejected`` (shared prefix, ``segments`` set).
+    """One packed micro-batch: R rows of ``group_size`` segments each, S = R · group_size segments in one stream.
 
     Attributes:
-        input_ids: [1, T] int64, the token stream. position_ids: [1, T] int64 (the module docstring's layouts).
-        cu_seqlens: [2B + 1] int32 segment boundaries in the stream (chosen_0, rejected_0, chosen_1, ...); a
-            chosen segment is its whole ``prompt + chosen`` sequence in both layouts.
-        logit_index: [N] int64 stream positions whose next token is a completion token (shared: the last prompt
-            position twice, for both first completion tokens); targets: [N] int64, those tokens;
-            label_cu_seqlens: [2B + 1] int32, each completion's span in ``targets``.
-        pair_index: [B] int64 dataset row of each pair (to name a failing pair), or None.
-        ref_chosen_logps, ref_rejected_logps: [B] float32 precomputed reference log-probs, or None.
-        segments: the ``SegmentLayout`` of a shared-prefix stream, or None (unshared).
+        input_ids: [1, T] int64, the token stream. position_ids: [1, T] int64 (the module docstring's layout).
+        cu_seqlens: [S + 1] int32 segment boundaries in the stream, row by row (a pair: chosen_0, rejected_0,
+            chosen_1, ...); a branch's segment holds only its own tokens.
+        logit_index: [N] int64 stream positions whose next token is scored (a position predicting the first token
+            of several branches is listed once for each); targets: [N] int64, those tokens;
+            label_cu_seqlens: [S + 1] int32, each segment's span in ``targets``.
+        group_size: segments per row.
+        row_index: [R] int64 dataset index of each row (to name a failing row), or None.
+        row_values: {column: [R] float32} the grouping's per-row columns (e.g. precomputed reference log-probs).
+        segments: the ``SegmentLayout`` of a stream with branches, or None (documents only).
     """
 
     input_ids: torch.Tensor
@@ -75,27 +109,25 @@ class PackedBatch:
     logit_index: torch.Tensor
     targets: torch.Tensor
     label_cu_seqlens: torch.Tensor
-    pair_index: torch.Tensor | None = None
-    ref_chosen_logps: torch.Tensor | None = None
-    ref_rejected_logps: torch.Tensor | None = None
+    group_size: int = 1
+    row_index: torch.Tensor | None = None
+    row_values: dict[str, torch.Tensor] = field(default_factory=dict)
     segments: SegmentLayout | None = None
 
     @property
-    def num_pairs(self) -> int:
-        return (self.cu_seqlens.numel() - 1) // 2
-
-    @property
-    def ref_logps(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The precomputed (chosen, rejected) reference log-probs, or None."""
-        return None if self.ref_chosen_logps is None else (self.ref_chosen_logps, self.ref_rejected_logps)
+    def num_rows(self) -> int:
+        return (self.cu_seqlens.numel() - 1) // self.group_size
 
     def to(self, device, non_blocking: bool = False) -> PackedBatch:
         """The batch on ``device`` (accelerate's ``send_to_device`` and the trainers call this)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device, non_blocking=non_blocking) for k, v in values.items()
-                                if isinstance(v, (torch.Tensor, SegmentLayout))})
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in values.items()
+                 if isinstance(v, (torch.Tensor, SegmentLayout))}
+        row_values = {k: v.to(device, non_blocking=non_blocking) for k, v in self.row_values.items()}
+        return replace(self, **moved, row_values=row_values)
 
-    # transformers.Trainer counts input tokens and FLOPs by reading batch["input_ids"]; nothing else is a key.
+    # transformers.Trainer counts input tokens and FLOPs by reading batch["input_ids"], as do collator wrappers
+    # (the step benchmarks); the model inputs are the only keys.
     def __contains__(self, key: str) -> bool:
         return key in _MODEL_INPUTS
 
@@ -108,57 +140,41 @@ class PackedBatch:
 _MODEL_INPUTS = ("input_ids", "position_ids")
 
 
-def pack_pairs(rows: list[dict], *, prefix_sharing: bool = False) -> PackedBatch:
-    """Collate tokenised pairs into one packed micro-batch.
+def pack(rows: list[dict], grouping: Grouping) -> PackedBatch:
+    """Collate tokenised rows into one packed micro-batch, each row as ``grouping`` makes it segments.
 
     Args:
-        rows: dicts with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (non-empty lists of
-            int) and optionally ``pair_index`` and ``ref_chosen_logps`` / ``ref_rejected_logps`` (taken when every
-            row has them).
-        prefix_sharing: the shared-prefix layout (the prompt once), else the unshared one.
-
-    Returns:
-        a ``PackedBatch``.
+        rows: dicts the grouping reads, optionally with ``row_index`` (the row's dataset index) and the grouping's
+            ``columns``.
 
     Raises:
-        ValueError: an empty prompt or completion (named by its pair): the first completion token is predicted
-            from the last prompt position, and an empty segment has nothing to attend.
+        ValueError: the grouping's errors for a malformed row.
     """
-    input_ids, position_ids, logit_index, targets = [], [], [], []
-    cu_seqlens, label_cu_seqlens, cu_seqlens_k, kv_index = [0], [0], [0], []
+    input_ids, position_ids, logit_index, targets, kv_index = [], [], [], [], []
+    cu_seqlens, label_cu_seqlens, cu_seqlens_k = [0], [0], [0]
+    branched = False
     for i, row in enumerate(rows):
-        prompt, chosen, rejected = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
-        empty = [name for name, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if not ids]
-        if empty:
-            raise ValueError(f"pair {row.get('pair_index', i)}: empty {' and '.join(empty)} token list; every pair "
-                             "needs a prompt and two completions of at least one token (tokenize_pairs ensures it)")
-        start, p = len(input_ids), len(prompt)
-        # position t predicts token t + 1: the last prompt token predicts the first completion token
-        if prefix_sharing:
-            input_ids += prompt + chosen + rejected
-            position_ids += [*range(p + len(chosen)), *range(p, p + len(rejected))]
-            branch = start + p + len(chosen)
-            logit_index += [*range(start + p - 1, branch - 1), start + p - 1, *range(branch, branch + len(rejected) - 1)]
-            cu_seqlens += [branch, branch + len(rejected)]
-            kv_index += [*range(start, branch), *range(start, start + p), *range(branch, branch + len(rejected))]
-            cu_seqlens_k += [cu_seqlens_k[-1] + p + len(chosen), cu_seqlens_k[-1] + 2 * p + len(chosen) + len(rejected)]
-        else:
-            for completion in (chosen, rejected):
-                begin = len(input_ids)
-                input_ids += prompt + completion
-                position_ids += range(p + len(completion))
-                logit_index += range(begin + p - 1, begin + p + len(completion) - 1)
-                cu_seqlens.append(begin + p + len(completion))
-        targets += chosen + rejected
-        label_cu_seqlens += [label_cu_seqlens[-1] + len(chosen), label_cu_seqlens[-1] + len(chosen) + len(rejected)]
+        root = len(input_ids)
+        for segment in grouping.segments(row, row.get("row_index", i)):
+            start, p = len(input_ids), segment.prefix
+            input_ids += segment.ids
+            position_ids += range(p, p + len(segment.ids))
+            keys = [*range(root, root + p), *range(start, start + len(segment.ids))]
+            kv_index += keys
+            branched |= p > 0
+            for t, label in enumerate(segment.labels):
+                # position t - 1 predicts token t; a branch's first token is predicted by its prefix's last token
+                if label != IGNORE_INDEX and (t > 0 or p > 0):
+                    logit_index.append(start + t - 1 if t > 0 else root + p - 1)
+                    targets.append(label)
+            cu_seqlens.append(len(input_ids))
+            cu_seqlens_k.append(cu_seqlens_k[-1] + len(keys))
+            label_cu_seqlens.append(len(targets))
     optional = {}
-    if rows and all("pair_index" in row for row in rows):
-        optional["pair_index"] = torch.tensor([row["pair_index"] for row in rows], dtype=torch.long)
-    if rows and all(col in row for row in rows for col in REF_COLUMNS):
-        for col in REF_COLUMNS:
-            optional[col] = torch.tensor([row[col] for row in rows], dtype=torch.float32)
+    if rows and all("row_index" in row for row in rows):
+        optional["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)
     cu = torch.tensor(cu_seqlens, dtype=torch.int32)
-    if prefix_sharing and rows:
+    if branched:
         cu_k = torch.tensor(cu_seqlens_k, dtype=torch.int32)
         optional["segments"] = SegmentLayout(
             cu_seqlens_q=cu, cu_seqlens_k=cu_k, kv_index=torch.tensor(kv_index, dtype=torch.long),
@@ -170,13 +186,56 @@ def pack_pairs(rows: list[dict], *, prefix_sharing: bool = False) -> PackedBatch
         logit_index=torch.tensor(logit_index, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         label_cu_seqlens=torch.tensor(label_cu_seqlens, dtype=torch.int32),
+        group_size=grouping.size,
+        row_values={col: torch.tensor([row[col] for row in rows], dtype=torch.float32) for col in grouping.columns
+                    if rows and all(col in row for row in rows)},
         **optional,
     )
 
 
-class IndexedPairs(torch.utils.data.Dataset):
-    """A tokenised dataset whose rows also carry their index (``pair_index``), so that a failing pair
-    can be named."""
+def pair_length(row: dict, prefix_sharing: bool = False) -> int:
+    """Tokens a pair occupies in a packed stream: P + C + R with ``prefix_sharing``, else 2P + C + R."""
+    prompts = 1 if prefix_sharing else 2
+    return prompts * len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) + len(row["rejected_input_ids"])
+
+
+@dataclass(frozen=True)
+class PairGrouping(Grouping):
+    """A preference pair as two segments, ``prompt + chosen`` then ``prompt + rejected`` (or, with ``prefix_sharing``,
+    ``rejected`` as a branch off the prompt); rows hold ``prompt_input_ids``, ``chosen_input_ids``,
+    ``rejected_input_ids`` (non-empty lists of int) and optionally ``REF_COLUMNS``.
+
+    Raises:
+        ValueError: an empty prompt or completion (named by its pair): the first completion token is predicted
+            from the last prompt position, and an empty segment has nothing to attend.
+    """
+
+    prefix_sharing: bool = False
+    size: int = 2
+    columns: tuple[str, ...] = REF_COLUMNS
+
+    def segments(self, row: dict, index: int) -> list[Segment]:
+        prompt, chosen, rejected = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
+        empty = [name for name, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if not ids]
+        if empty:
+            raise ValueError(f"pair {index}: empty {' and '.join(empty)} token list; every pair needs a prompt and "
+                             "two completions of at least one token (tokenize_pairs ensures it)")
+        unscored = [IGNORE_INDEX] * len(prompt)
+        if self.prefix_sharing:
+            return [Segment(prompt + chosen, unscored + chosen), Segment(rejected, rejected, prefix=len(prompt))]
+        return [Segment(prompt + chosen, unscored + chosen), Segment(prompt + rejected, unscored + rejected)]
+
+    def length(self, row: dict) -> int:
+        return pair_length(row, self.prefix_sharing)
+
+
+def pack_pairs(rows: list[dict], *, prefix_sharing: bool = False) -> PackedBatch:
+    """``pack`` with ``PairGrouping``: B pairs in 2B segments (chosen_0, rejected_0, chosen_1, ...)."""
+    return pack(rows, PairGrouping(prefix_sharing))
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A tokenised dataset whose rows also carry their index (``row_index``), so that a failing row can be named."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -185,7 +244,7 @@ class IndexedPairs(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "pair_index": index}
+        return {**self.dataset[index], "row_index": index}
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):

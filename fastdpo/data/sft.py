@@ -13,14 +13,12 @@ import logging
 from collections import Counter
 
 import datasets
-import torch
 
 from .formats import check_messages, describe, extract_prompt
-from .packing import PackedBatch, TokenBudgetBatchSampler
+from .packing import IGNORE_INDEX, Grouping, PackedBatch, Segment, TokenBudgetBatchSampler, pack
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _DROP = "_drop"
 
 
@@ -228,41 +226,25 @@ def _conversation(index, messages, tokenizer, assistant_only) -> tuple[list[int]
     return encoded["input_ids"], mask
 
 
-def sequence_length(row: dict) -> int:
-    """Tokens a sequence occupies in a packed stream."""
-    return len(row["input_ids"])
+class SequenceGrouping(Grouping):
+    """An SFT row as one document: ``input_ids``, scored where ``labels`` (``tokenize_sft``'s; without them every
+    token after the first) is not ``IGNORE_INDEX``."""
+
+    def segments(self, row: dict, index: int) -> list[Segment]:
+        return [Segment(row["input_ids"], row.get("labels", row["input_ids"]))]
+
+    def length(self, row: dict) -> int:
+        return len(row["input_ids"])
+
+
+SEQUENCES = SequenceGrouping()
 
 
 def pack_sequences(rows: list[dict]) -> PackedBatch:
-    """Collate tokenised SFT sequences into one padding-free stream: a ``PackedBatch`` whose sequences are single
-    rows (``num_pairs`` does not apply), ``position_ids`` restarting per sequence, ``logit_index`` the positions
-    whose next token has a label, ``targets`` those labels, ``label_cu_seqlens`` each sequence's span in them.
-
-    Args:
-        rows: dicts with ``input_ids`` and ``labels`` (``tokenize_sft``; without labels every token after the first
-            is a target), optionally ``pair_index`` (the row's dataset index).
-    """
-    input_ids, position_ids, logit_index, targets = [], [], [], []
-    cu_seqlens, label_cu_seqlens = [0], [0]
-    for row in rows:
-        ids, start = row["input_ids"], cu_seqlens[-1]
-        labels = row.get("labels", ids)
-        trained = [t for t in range(1, len(ids)) if labels[t] != IGNORE_INDEX]
-        input_ids += ids
-        position_ids += range(len(ids))
-        logit_index += (start + t - 1 for t in trained)   # position t - 1 predicts token t
-        targets += (labels[t] for t in trained)
-        cu_seqlens.append(start + len(ids))
-        label_cu_seqlens.append(label_cu_seqlens[-1] + len(trained))
-    optional = {}
-    if rows and all("pair_index" in row for row in rows):
-        optional["pair_index"] = torch.tensor([row["pair_index"] for row in rows], dtype=torch.long)
-    return PackedBatch(
-        input_ids=torch.tensor([input_ids], dtype=torch.long), position_ids=torch.tensor([position_ids], dtype=torch.long),
-        cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32), logit_index=torch.tensor(logit_index, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long), label_cu_seqlens=torch.tensor(label_cu_seqlens, dtype=torch.int32),
-        **optional,
-    )
+    """``pack`` with ``SequenceGrouping``: one padding-free stream of whole sequences, ``position_ids`` restarting per
+    sequence, ``logit_index`` the positions whose next token has a label, ``targets`` those labels,
+    ``label_cu_seqlens`` each sequence's span in them."""
+    return pack(rows, SEQUENCES)
 
 
 class BestFitBatchSampler(TokenBudgetBatchSampler):

@@ -1,10 +1,14 @@
-"""Layer 3, models: where models come from (local paths, GGUF conversion, the default SmolLM2), loading them,
-LoRA/QLoRA, and the packed attention. Imports torch, transformers and peft (lazily) and the layers below it."""
+"""Layer 4, models: where models come from (``sources``: local paths and hub ids; ``smollm2``: the default model;
+``gguf``: GGUF conversion; ``cache``: fastdpo's cache directory), loading them, LoRA/QLoRA, and the packed attention.
+Imports torch, transformers and peft (lazily) and the layers below it."""
 
 from . import attention  # noqa: F401,I001  registers "packed_sdpa" with transformers
+from .cache import cache_dir
+from .gguf import gguf_checkpoint
 from .loading import default_attn_implementation, load_causal_lm, load_tokenizer
 from .lora import apply_lora, load_lora_adapter
-from .sources import ModelSource, cache_dir, default_model, gguf_checkpoint, resolve_model
+from .smollm2 import default_model
+from .sources import ModelSource, resolve_model
 from .wrappers import causal_lm, is_peft
 
 __all__ = ["ModelSource", "apply_lora", "cache_dir", "causal_lm", "default_attn_implementation", "default_model",

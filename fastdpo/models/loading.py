@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sources import ModelSource, checkpoint_path
+from .gguf import checkpoint_path
+from .sources import ModelSource
 
 if TYPE_CHECKING:
     import transformers

@@ -1,4 +1,4 @@
-"""Layer 5, online: online DPO (sample two completions per prompt, rank them with a reward model or an LLM judge,
+"""Layer 6, online: online DPO (sample two completions per prompt, rank them with a reward model or an LLM judge,
 train on the ranked pair) and its judges. Imports the train layer and those below it."""
 
 from .config import OnlineDPOConfig

@@ -3,7 +3,7 @@
 them with a reward model or an LLM judge, and takes the DPO loss on the ranked pair through fastdpo's packed,
 fused log-probs.
 
-Data flow: prompts -> ``generate`` (two samples per prompt) -> ranking -> tokenised pair rows -> ``pack_pairs``
+Data flow: prompts -> ``generate`` (two samples per prompt) -> ranking -> tokenised pair rows -> ``pack``
 (``SampledPairs``) -> ``PreferenceTrainer.compute_loss`` (policy and reference log-probs, the loss) -> metrics.
 """
 
@@ -13,19 +13,32 @@ import itertools
 from dataclasses import dataclass, fields, replace
 
 import torch
-from transformers import GenerationConfig, Trainer
+from transformers import GenerationConfig
 
-from ..data import PackedBatch, pack_pairs, tokenize_prompts
+from ..data import PackedBatch, pack, tokenize_prompts
 from ..losses import LossSpec
 from ..train import PreferenceTrainer
-from ..train.trainer import use_prefix_sharing, zero_loss
+from ..train.metrics import Mean, metric
+from ..train.trainer import PreferenceMetrics, zero_loss
 from .config import OnlineDPOConfig
 from .judges import LLMJudge, PairwiseJudge, RewardModelScorer, rank_by_scores
 
-# The per-pair metrics of PreferenceTrainer.loss_metrics: a micro-batch without ranked pairs reports them empty,
-# so that every process reduces the same entries.
-_PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected")
+
+@dataclass
+class OnlineMetrics(PreferenceMetrics):
+    """TRL 1.16's online DPO metrics (``OnlineDPOTrainer``'s docstring): the DPO ones, means over the ranked pairs
+    (``objective/*``), over the sampled completions (``val/contain_eos_token``), over the prompts
+    (``judge/unparseable``), and ``beta``."""
+
+    objective_kl: Mean | None = metric("objective/kl")
+    objective_entropy: Mean | None = metric("objective/entropy")
+    objective_non_score_reward: Mean | None = metric("objective/non_score_reward")
+    objective_scores: Mean | None = metric("objective/scores")
+    objective_scores_margin: Mean | None = metric("objective/scores_margin")
+    objective_rlhf_reward: Mean | None = metric("objective/rlhf_reward")
+    val_contain_eos_token: Mean | None = metric("val/contain_eos_token")
+    judge_unparseable: Mean | None = metric("judge/unparseable")
+    beta: Mean | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,8 @@ class OnlineDPOTrainer(PreferenceTrainer):
             tokenizer without an EOS token, and the errors of ``tokenize_prompts`` and ``DPOTrainer``.
     """
 
+    tokenized_columns = ("prompt_input_ids",)
+
     def __init__(self, model, ref_model=None, args: OnlineDPOConfig | None = None, train_dataset=None,
                  processing_class=None, reward_model=None, reward_processing_class=None,
                  judge: PairwiseJudge | None = None, peft_config=None, **kwargs):
@@ -106,9 +121,6 @@ class OnlineDPOTrainer(PreferenceTrainer):
         has_reward = reward_model is not None or args.reward_model_path is not None
         if has_reward == (judge is not None or args.judge is not None):
             raise ValueError("online DPO ranks completions with either a reward model or a judge: give exactly one")
-        train_dataset = tokenize_prompts(train_dataset, processing_class, max_prompt_length=args.prompt_limit,
-                                         truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
-        self.prefix_sharing = use_prefix_sharing(model, args)
         super().__init__(model, ref_model, args=args, peft_config=peft_config, data_collator=_collate_prompts,
                          train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         self._epoch_specs: dict[float, LossSpec] = {}
@@ -130,11 +142,13 @@ class OnlineDPOTrainer(PreferenceTrainer):
         )
 
     # ------------------------------------------------------------------ data
-    def get_train_dataloader(self):
-        self.metrics.restart_clock()
-        # The Trainer's own loader (seeded shuffling, per_device_train_batch_size prompts, sharding): pairs exist
-        # only once generated, in get_batch_samples.
-        return Trainer.get_train_dataloader(self)
+    def tokenize(self, dataset, tokenizer, args: OnlineDPOConfig):
+        return tokenize_prompts(dataset, tokenizer, max_prompt_length=args.prompt_limit,
+                                truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc), None
+
+    def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
+        # per_device_train_batch_size prompts: their pairs exist only once sampled, in get_batch_samples
+        return self.row_batches(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size)
 
     @property
     def beta(self) -> float:
@@ -180,7 +194,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
                 rows.append({"prompt_input_ids": list(prompt_ids[i]), "chosen_input_ids": completions[chosen],
                              "rejected_input_ids": completions[rejected]})
                 ranked.append((chosen, rejected))
-        packed = pack_pairs(rows, prefix_sharing=self.prefix_sharing)
+        packed = pack(rows, self.grouping)
         return SampledPairs(
             **{f.name: getattr(packed, f.name) for f in fields(PackedBatch)},
             contain_eos=torch.tensor([float(contain_eos.sum()), 2.0 * b]),
@@ -226,41 +240,35 @@ class OnlineDPOTrainer(PreferenceTrainer):
     def compute_loss(self, model, inputs: SampledPairs, return_outputs=False, num_items_in_batch=None):
         """``PreferenceTrainer.compute_loss``; a micro-batch without ranked pairs contributes a zero loss (reaching
         every trainable parameter, so that DDP still gets each gradient) and its generation metrics."""
-        if inputs.num_pairs > 0:
+        if inputs.num_rows > 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         empty = inputs.contain_eos.new_zeros(0)
-        keys = _PAIR_METRICS + (("aux_loss",) if self.aux_loss_enabled else ())
-        per_pair = {k: empty for k in keys}
-        per_token = {"nll_loss": (empty.sum(), empty.sum())} if self.loss_spec.uses_nll else {}
-        self.metrics.add("train", inputs, *self._online_metrics(inputs, per_pair, per_token, None))
+        self.metrics.add("train", inputs, self._online_metrics(inputs, PreferenceMetrics(), kl=empty, entropy=empty))
         loss = zero_loss(model)
         return (loss, {}) if return_outputs else loss
 
-    def loss_metrics(self, batch: SampledPairs, policy, ref, *args, **kwargs) -> tuple[dict, dict]:
-        per_pair, per_token = super().loss_metrics(batch, policy, ref, *args, **kwargs)
-        return self._online_metrics(batch, per_pair, per_token, ref)
+    def loss_metrics(self, batch: SampledPairs, policy, ref, *args, **kwargs) -> OnlineMetrics:
+        chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
+        # per pair: means over pairs are means over completions
+        return self._online_metrics(batch, super().loss_metrics(batch, policy, ref, *args, **kwargs),
+                                    kl=(chosen - ref[0] + rejected - ref[1]) / 2, entropy=-(chosen + rejected) / 2)
 
-    def _online_metrics(self, batch: SampledPairs, per_pair: dict, per_token: dict, ref) -> tuple[dict, dict]:
-        """Adds TRL's online metrics (see the class docstring) to the loss metrics."""
-        beta = self.beta
-        if ref is not None:
-            kl_chosen = per_pair["logps/chosen"] - ref[0]
-            kl_rejected = per_pair["logps/rejected"] - ref[1]
-            kl = (kl_chosen + kl_rejected) / 2     # per pair: means over pairs are means over completions
-            entropy = -(per_pair["logps/chosen"] + per_pair["logps/rejected"]) / 2
-        else:
-            kl = entropy = batch.contain_eos.new_zeros(0)
-        per_pair = {**per_pair, "objective/kl": kl, "objective/entropy": entropy,
-                    "objective/non_score_reward": -beta * kl}
-        if self.scorer is not None:
-            scores = batch.scores
-            per_pair.update({"objective/scores": scores.mean(1), "objective/scores_margin": scores[:, 0] - scores[:, 1],
-                             "objective/rlhf_reward": scores.mean(1) - beta * kl})
-        per_token = {**per_token, "val/contain_eos_token": tuple(batch.contain_eos)}
-        if self.judge is not None:
-            per_token["judge/unparseable"] = tuple(batch.unparseable)
-        per_token["beta"] = (batch.contain_eos.new_tensor(beta), batch.contain_eos.new_tensor(1.0))
-        return per_pair, per_token
+    def _online_metrics(self, batch: SampledPairs, pairs: PreferenceMetrics, *, kl: torch.Tensor,
+                        entropy: torch.Tensor) -> OnlineMetrics:
+        """The loss metrics of ``pairs`` and TRL's online metrics (see the class docstring); ``kl`` and ``entropy``
+        [B] per ranked pair."""
+        beta, scores = self.beta, batch.scores
+        scored = self.scorer is not None
+        return OnlineMetrics(
+            **vars(pairs), objective_kl=Mean.of(kl), objective_entropy=Mean.of(entropy),
+            objective_non_score_reward=Mean.of(-beta * kl),
+            objective_scores=Mean.of(scores.mean(1)) if scored else None,
+            objective_scores_margin=Mean.of(scores[:, 0] - scores[:, 1]) if scored else None,
+            objective_rlhf_reward=Mean.of(scores.mean(1) - beta * kl) if scored else None,
+            val_contain_eos_token=Mean(*batch.contain_eos),
+            judge_unparseable=Mean(*batch.unparseable) if self.judge is not None else None,
+            beta=Mean(batch.contain_eos.new_tensor(beta), batch.contain_eos.new_tensor(1.0)),
+        )
 
 
 def _collate_prompts(rows: list[dict]) -> dict:

@@ -1,19 +1,18 @@
-"""``SFTConfig``: ``transformers.TrainingArguments`` plus TRL 1.16 SFTConfig's fields that apply to packed SFT."""
+"""``SFTConfig``: ``PackedConfig`` plus TRL 1.16 SFTConfig's fields that apply to packed SFT."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-import torch
-from transformers import TrainingArguments
+from ..train.packed_config import PackedConfig
 
 LOSS_TYPES = ("nll", "dft")
 
 
 @dataclass
-class SFTConfig(TrainingArguments):
-    """Training arguments for ``fastdpo.SFTTrainer``; names and meanings follow TRL 1.16's SFTConfig.
+class SFTConfig(PackedConfig):
+    """Training arguments for ``fastdpo.SFTTrainer``: ``PackedConfig`` plus SFT's fields, whose names and meanings
+    follow TRL 1.16's SFTConfig.
 
     Micro-batches are padding-free streams of whole sequences: with ``packing`` (the default here; TRL's is False)
     best-fit decreasing under ``max_tokens_per_batch`` tokens (fastdpo's DPO budget; TRL packs into ``max_length``
@@ -22,21 +21,17 @@ class SFTConfig(TrainingArguments):
 
     Differences from TRL 1.16: ``assistant_only_loss`` None (the default) means True for ``messages`` rows unless
     ``completion_only_loss`` is False (TRL: False), and needs no ``{% generation %}`` tags; ``packing_strategy``
-    is ``bfd`` only; defaults ``learning_rate`` 2e-5 and ``logging_steps`` 10 as TRL, ``bf16`` None = on where the
-    GPU supports it, off on CPU, and no gradient checkpointing by default (TRL turns both on).
+    is ``bfd`` only; ``learning_rate`` 2e-5 as TRL, ``bf16`` off on CPU and no gradient checkpointing by default
+    (TRL turns both on).
 
     Raises:
-        ValueError: an unknown ``loss_type``, ``packing_strategy`` or ``truncation_mode``, ``max_tokens_per_batch
-            < 2``, ``max_length < 2``.
+        ValueError: an unknown ``loss_type`` or ``packing_strategy``, and the errors of ``PackedConfig``.
     """
 
     dataset_text_field: str = field(default="text", metadata={
         "help": "Name of the column that contains text data in the dataset (language modelling rows)."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     eos_token: str | None = field(default=None, metadata={
         "help": "Token appended to texts and string completions that lack it; default the tokenizer's eos_token."})
-    max_length: int | None = field(default=1024, metadata={
-        "help": "Maximum tokens per sequence; longer ones are truncated (truncation_mode) and counted."})
     truncation_mode: str = field(default="keep_start", metadata={
         "help": "Which end of a long sequence to keep: keep_start (TRL's default) or keep_end."})
     packing: bool = field(default=True, metadata={
@@ -44,8 +39,6 @@ class SFTConfig(TrainingArguments):
                 "decreasing); false: per_device_train_batch_size sequences per micro-batch. Never padded."})
     packing_strategy: str = field(default="bfd", metadata={
         "help": "bfd (best-fit decreasing, whole sequences); TRL's bfd_split and wrapped are not supported."})
-    max_tokens_per_batch: int = field(default=4096, metadata={
-        "help": "Token budget of one packed micro-batch (whole sequences, no padding)."})
     completion_only_loss: bool | None = field(default=None, metadata={
         "help": "Loss on the completion tokens only (prompt-completion and preference rows; None = true); false: on "
                 "every token, also of messages rows unless --assistant-only-loss true."})
@@ -57,23 +50,10 @@ class SFTConfig(TrainingArguments):
                 "probability, https://huggingface.co/papers/2508.05629)."})
 
     learning_rate: float = field(default=2e-5, metadata={"help": "The initial learning rate for AdamW."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the tokenised columns."})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it, off on CPU."})
 
     def __post_init__(self):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-            self.use_cpu = True   # distributed without accelerators: only use_cpu joins the processes in one gloo group
-        if self.bf16 is None:
-            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES), ("packing_strategy",
-                                     self.packing_strategy, ("bfd",)),
-                                     ("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))):
+        for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
+                                     ("packing_strategy", self.packing_strategy, ("bfd",))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.max_tokens_per_batch < 2:
-            raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 or None, got {self.max_length}")
         super().__post_init__()

@@ -1,25 +1,39 @@
-"""``SFTTrainer``: supervised fine-tuning on ``transformers.Trainer`` with packed sequences and the fused LM head."""
+"""``SFTTrainer``: supervised fine-tuning on ``PackedTrainer`` with packed sequences and the fused LM head."""
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
-from transformers import Trainer
 
 from ..data import PackedBatch
-from ..data.sft import BestFitBatchSampler, pack_sequences, sequence_length, tokenize_sft
-from ..models import is_peft
-from ..train.forward import _label_logps
-from ..train.packed_trainer import PackedTrainerMixin
+from ..data.sft import SEQUENCES, BestFitBatchSampler, tokenize_sft
+from ..train.forward import label_logps
+from ..train.metrics import Mean, Metrics
+from ..train.packed_trainer import PackedTrainer
 from .config import SFTConfig
 
 
-class SFTTrainer(PackedTrainerMixin, Trainer):
+@dataclass
+class SFTMetrics(Metrics):
+    """TRL's SFT metrics, means over the loss tokens."""
+
+    loss: Mean | None = None
+    mean_token_accuracy: Mean | None = None
+
+
+class StepTokens(NamedTuple):
+    """What a step's SFT loss divides by (its loss tokens), and the tokens it trains on (``num_tokens``)."""
+
+    loss_tokens: torch.Tensor
+    tokens: torch.Tensor
+
+
+class SFTTrainer(PackedTrainer):
     """Supervised fine-tuning (TRL 1.16 ``SFTTrainer``'s data formats, masks, loss and metrics) on packed,
     padding-free micro-batches (``fastdpo.data.sft``) whose loss tokens alone reach the LM head, through
-    ``fastdpo.linear_logps`` (the model's own forward with ``logits_to_keep=1``, as DPO: ``_label_logps``).
+    ``fastdpo.linear_logps`` (the model's own forward with ``logits_to_keep=1``, as DPO: ``label_logps``).
 
     The loss is ``Σ NLL / loss tokens`` over the effective batch (every micro-batch of an optimiser step, on
     every process), whatever its split; evaluation averages over the eval set's loss tokens. Metrics (TRL's names):
@@ -38,63 +52,43 @@ class SFTTrainer(PackedTrainerMixin, Trainer):
             longer than ``max_tokens_per_batch``).
     """
 
-    # compute_loss already divides by the loss tokens of the whole effective batch
-    loss_is_scaled_for_ga = True
+    tokenized_columns = ("input_ids",)
+    grouping = SEQUENCES
+    Counts = StepTokens
 
     def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, **kwargs):
-        args = args or SFTConfig(output_dir="fastdpo-sft")
-        if peft_config is not None and not is_peft(model):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        self.drop_reports: dict[str, dict] = {}
-        train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
-        eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
-        super().__init__(model=model, args=args, data_collator=data_collator or pack_sequences,
+        super().__init__(model, args or SFTConfig(output_dir="fastdpo-sft"), data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         **kwargs)
-        self.init_metrics()
+                         peft_config=peft_config, **kwargs)
         self.num_tokens = 0
 
     # ------------------------------------------------------------------ data
-    def _tokenized(self, dataset, tokenizer, args: SFTConfig, split: str):
-        if dataset is None or "input_ids" in dataset.column_names:
-            return dataset
-        if tokenizer is None:
-            raise ValueError(f"the {split} dataset holds raw rows: pass the tokenizer as processing_class")
-        tokenized, self.drop_reports[split] = tokenize_sft(
-            dataset, tokenizer, dataset_text_field=args.dataset_text_field,
-            completion_only_loss=args.completion_only_loss, assistant_only_loss=args.assistant_only_loss,
-            max_length=args.max_length, truncation_mode=args.truncation_mode, eos_token=args.eos_token,
-            num_proc=args.dataset_num_proc)
-        return tokenized
+    def tokenize(self, dataset, tokenizer, args: SFTConfig):
+        return tokenize_sft(dataset, tokenizer, dataset_text_field=args.dataset_text_field,
+                            completion_only_loss=args.completion_only_loss, assistant_only_loss=args.assistant_only_loss,
+                            max_length=args.max_length, truncation_mode=args.truncation_mode, eos_token=args.eos_token,
+                            num_proc=args.dataset_num_proc)
 
     def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
-        if self.args.packing:
-            lengths = [sequence_length(row) for row in dataset.select_columns(["input_ids"])]
-            return BestFitBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
-        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle \
-            else SequentialSampler(dataset)
-        return BatchSampler(order, batch_size, drop_last=False)
+        if not self.args.packing:
+            return self.row_batches(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size)
+        return BestFitBatchSampler(self.row_lengths(dataset), self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+
+    def count(self, batch: PackedBatch) -> StepTokens:
+        return StepTokens(batch.targets.numel(), batch.input_ids.numel())
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The micro-batches of one optimiser step and their loss tokens over all processes (which each
-        micro-batch's NLL sum is divided by); also counts the tokens trained on (``num_tokens``)."""
-        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
-        counts = torch.tensor([[sum(b.targets.numel() for b in batch_samples),
-                                sum(b.input_ids.numel() for b in batch_samples)]], device=device)
-        if self.args.world_size > 1:
-            counts = self.accelerator.gather(counts)
-        loss_tokens, tokens = counts.sum(0)
-        self.num_tokens += int(tokens)
-        return batch_samples, loss_tokens
+        batches, loss_tokens = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.num_tokens += int(self.step_counts.tokens)
+        return batches, loss_tokens
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
         """``Σ NLL`` of this micro-batch's loss tokens over the effective batch's (``num_items_in_batch``, all
         processes; scaled by the process count because DDP averages gradients), or its own mean without a count."""
-        logps, stats, _ = _label_logps(model, inputs, inputs.logit_index, inputs.targets, ("is_argmax",))
+        out = label_logps(model, inputs, stats=("is_argmax",))
+        logps = out.logps
         nll = -logps
         if self.args.loss_type == "dft":   # Dynamic Fine-Tuning: NLL weighted by the token's detached probability
             nll = nll * logps.detach().exp()
@@ -103,9 +97,9 @@ class SFTTrainer(PackedTrainerMixin, Trainer):
             loss = nll.sum() / tokens.clamp_min(1)
         else:
             loss = nll.sum() / num_items_in_batch * self.accelerator.num_processes
-        self.metrics.add("train" if model.training else "eval", inputs, {}, {
-            "loss": (nll.detach().sum(), tokens), "mean_token_accuracy": (stats["is_argmax"].sum(), tokens)})
+        self.metrics.add("train" if model.training else "eval", inputs, SFTMetrics(
+            loss=Mean(nll.detach().sum(), tokens), mean_token_accuracy=Mean(out.stats["is_argmax"].sum(), tokens)))
         return (loss, {"per_token_nll": nll.detach()}) if return_outputs else loss
 
-    def extra_logs(self, mode: str) -> dict[str, float]:
-        return {"num_tokens": float(self.num_tokens)} if mode == "train" else {}
+    def extra_logs(self) -> dict[str, float]:
+        return {"num_tokens": float(self.num_tokens)}

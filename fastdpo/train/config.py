@@ -1,34 +1,26 @@
-"""``DPOConfig``: ``transformers.TrainingArguments`` plus TRL's DPO fields, with fastdpo's packing."""
+"""``DPOConfig``: ``PackedConfig`` plus TRL's DPO fields."""
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass, field
 
-import torch
-from transformers import TrainingArguments
-
 from ..losses import LOSS_TYPES, LossSpec
-
-logger = logging.getLogger(__name__)
+from .packed_config import PackedConfig
 
 
 @dataclass
-class DPOConfig(TrainingArguments):
-    """Training arguments for ``fastdpo.DPOTrainer``; field names and meanings follow TRL 1.16's DPOConfig
-    (``loss_type`` a list, as there; a string is taken as a one-element list), its CPOConfig
-    (``simpo_gamma``, ``cpo_alpha``) and TRL <= 0.28's DPOConfig (``rpo_alpha``, ``reference_free``).
+class DPOConfig(PackedConfig):
+    """Training arguments for ``fastdpo.DPOTrainer``: ``PackedConfig`` plus DPO's fields, whose names and meanings
+    follow TRL 1.16's DPOConfig (``loss_type`` a list, as there; a string is taken as a one-element list), its
+    CPOConfig (``simpo_gamma``, ``cpo_alpha``) and TRL <= 0.28's DPOConfig (``rpo_alpha``, ``reference_free``).
     The losses are ``fastdpo.dpo_loss``'s.
 
     Micro-batches are packed token streams of at most ``max_tokens_per_batch`` tokens (whole pairs),
     so ``per_device_train_batch_size`` is not used; the effective batch is
     ``gradient_accumulation_steps`` micro-batches per device, and the loss is the mean over its pairs.
 
-    Defaults that differ from TrainingArguments': ``learning_rate`` 1e-6 and ``logging_steps`` 10
-    (TRL's); ``remove_unused_columns`` False (the tokenised columns are not model arguments);
-    ``bf16`` None = on where the GPU supports it and off elsewhere (CPUs without bf16 units run bf16
-    matmuls over 10x slower than fp32).
+    ``learning_rate`` defaults to TRL's 1e-6; ``PackedConfig`` gives the other defaults that differ from
+    TrainingArguments'.
 
     Reference options (the README's "Reference options"): ``model_adapter_name``/``ref_adapter_name`` and
     ``force_use_ref_model`` as TRL <= 0.28's DPOConfig; ``sync_ref_model``, ``ref_model_mixup_alpha``,
@@ -36,11 +28,11 @@ class DPOConfig(TrainingArguments):
 
     Raises:
         ValueError: an invalid loss configuration (see ``fastdpo.losses.LossSpec``: unknown loss types,
-            loss_weights of another length, combinations TRL rejects), ``truncation_mode`` other than
-            keep_end/keep_start, ``max_tokens_per_batch < 2``; ``ref_adapter_name`` equal to
+            loss_weights of another length, combinations TRL rejects); ``ref_adapter_name`` equal to
             ``model_adapter_name``; ``sync_ref_model`` with ``precompute_ref_log_probs`` (TRL 1.16's check and
             message) or without a reference (``reference_free``, cpo/simpo/orpo); ``ref_model_mixup_alpha``
-            outside (0, 1] or ``ref_model_sync_steps < 1``; a negative ``router_aux_loss_coef``.
+            outside (0, 1] or ``ref_model_sync_steps < 1``; a negative ``router_aux_loss_coef``; and those of
+            ``PackedConfig``.
     """
 
     beta: float = field(default=0.1, metadata={
@@ -69,14 +61,7 @@ class DPOConfig(TrainingArguments):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin γ (loss_type simpo)."})
     cpo_alpha: float = field(default=1.0, metadata={
         "help": "Weight of the NLL (behaviour-cloning) term of cpo and simpo (0 = the SimPO paper's loss)."})
-    max_length: int | None = field(default=1024, metadata={"help": "Maximum prompt + completion tokens per sequence."})
     max_prompt_length: int | None = field(default=512, metadata={"help": "Maximum prompt tokens (truncated beyond)."})
-    truncation_mode: str = field(
-        default="keep_end", metadata={"help": "Which end of a long prompt to keep: keep_end or keep_start."}
-    )
-    max_tokens_per_batch: int = field(
-        default=4096, metadata={"help": "Token budget of one packed micro-batch (whole pairs, no padding)."}
-    )
     prefix_sharing: bool = field(default=True, metadata={
         "help": "Pack each pair as [prompt][chosen][rejected], the prompt through the model once (Wang & Hegde "
                 "2024), where the attention implementation supports it (packed_sdpa, flash_attention_2, "
@@ -116,32 +101,13 @@ class DPOConfig(TrainingArguments):
         metadata={"help": "On a NaN/inf pair loss, leave those pairs out of the step (counted as skipped_pairs) "
                           "instead of stopping with an error naming the step and the pairs."},
     )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the tokenised columns."})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it, off on CPU."}
-    )
 
     def __post_init__(self):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-            # Launched distributed on a machine without accelerators: only use_cpu makes the processes
-            # join one gloo group; without it each would train alone and keep its own gradients.
-            self.use_cpu = True
-            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-                logger.warning("accelerate runs FSDP on accelerators only: without one, these processes train "
-                               "data-parallel (DDP) with a full model replica each")
-        if self.bf16 is None:
-            self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         self.loss_spec()   # validates the loss options
-        if self.truncation_mode not in ("keep_end", "keep_start"):
-            raise ValueError(f"truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
-        if self.max_tokens_per_batch < 2:
-            raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
         if self.ref_adapter_name is not None and self.ref_adapter_name == self.model_adapter_name:
             raise ValueError(f"ref_adapter_name and model_adapter_name are both {self.ref_adapter_name!r}: the "
                              "reference adapter must be a second, frozen copy under another name")

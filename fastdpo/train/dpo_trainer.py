@@ -4,19 +4,18 @@ under a token budget, the reference live or precomputed once and cached."""
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import datasets
 import torch
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
-from ..data import TokenBudgetBatchSampler, pack_pairs, pair_length, tokenize_pairs
+from ..data import tokenize_pairs
 from ..data.packing import REF_COLUMNS
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
 from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
-from .trainer import PreferenceTrainer, use_prefix_sharing
+from .trainer import PreferenceTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +43,13 @@ class DPOTrainer(PreferenceTrainer):
             longer than the token budget), of ``DPOConfig`` and of ``PreferenceTrainer``.
     """
 
+    tokenized_columns = TOKENIZED_COLUMNS
+
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, **kwargs):
         args = args or DPOConfig(output_dir="fastdpo-output")
-        self.drop_reports: dict[str, dict] = {}
-        train_dataset = self._tokenized(train_dataset, processing_class, args, "train")
-        eval_dataset = self._tokenized(eval_dataset, processing_class, args, "eval")
-        self.prefix_sharing = use_prefix_sharing(model, args)
-        super().__init__(model, ref_model, args=args, peft_config=peft_config,
-                         data_collator=partial(pack_pairs, prefix_sharing=self.prefix_sharing),
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         **kwargs)
+        super().__init__(model, ref_model, args=args, peft_config=peft_config, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         if self.reference is None:
             return
         if args.precompute_ref_log_probs:
@@ -66,21 +61,9 @@ class DPOTrainer(PreferenceTrainer):
             self.reference = PrecomputedReference(fallback=self.reference)
 
     # ------------------------------------------------------------------ data
-    def _tokenized(self, dataset, tokenizer, args: DPOConfig, split: str):
-        if dataset is None or set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
-            return dataset
-        if tokenizer is None:
-            raise ValueError(f"the {split} dataset holds raw rows: pass the tokenizer as processing_class")
-        tokenized, report = tokenize_pairs(
-            dataset, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-            truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc,
-        )
-        self.drop_reports[split] = report
-        return tokenized
-
-    def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int) -> TokenBudgetBatchSampler:
-        lengths = [pair_length(row, self.prefix_sharing) for row in dataset.select_columns(list(TOKENIZED_COLUMNS))]
-        return TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, shuffle=shuffle, seed=seed)
+    def tokenize(self, dataset, tokenizer, args: DPOConfig):
+        return tokenize_pairs(dataset, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                              truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
 
     # ------------------------------------------------------- precomputed reference
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
@@ -110,9 +93,7 @@ class DPOTrainer(PreferenceTrainer):
         model = self.ref_model if self.ref_model is not None else self.model
         rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
         chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
-        sampler = TokenBudgetBatchSampler([pair_length(row, self.prefix_sharing) for row in rows],
-                                          self.args.max_tokens_per_batch,
-                                          shuffle=False)
+        sampler = self.batch_sampler(rows, shuffle=False, seed=0, batch_size=self.args.per_device_eval_batch_size)
         was_training = model.training
         model.eval()
         try:

@@ -16,20 +16,33 @@ from ..data import PackedBatch
 from ..losses import check_ld_alpha
 from ..models import causal_lm
 from ..models.prefix_attention import attention_inputs
-from ..ops import linear_logps_with_stats, sequence_logps
+from ..ops import LogitTransform, linear_logps_with_stats, sequence_logps
 
 
-def logit_transform(config) -> dict:
-    """The model's own logit transform (Cohere ``logit_scale``, Gemma-2 ``final_logit_softcapping``)."""
-    return {"logit_scale": getattr(config, "logit_scale", None) or 1.0,
-            "softcap": getattr(config, "final_logit_softcapping", None)}
+def logit_transform(config) -> LogitTransform:
+    """The model's own logit transform (Cohere ``logit_scale``, Gemma-2 ``final_logit_softcapping``).
+
+    Raises:
+        ValueError: a zero or non-finite scale, a non-positive soft-cap (``LogitTransform``'s checks).
+    """
+    return LogitTransform(logit_scale=getattr(config, "logit_scale", None) or 1.0,
+                          softcap=getattr(config, "final_logit_softcapping", None))
 
 
-def _label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor, targets: torch.Tensor,
-                 stats: tuple[str, ...]) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-    """One forward of the packed stream; ``log p(targets[j])`` at stream positions ``index[j]`` ([M] fp32),
-    the requested per-token statistics ({name: [M]}) and the forward's ``aux_loss`` (a scalar: the MoE
-    router load-balancing loss of a model whose config sets ``output_router_logits``, else None).
+@dataclass
+class LabelLogps:
+    """What one forward of a packed stream gives (``label_logps``)."""
+
+    logps: torch.Tensor                  # [M] fp32 log p(targets[j]) at stream positions index[j], differentiable
+    stats: dict[str, torch.Tensor]       # the requested per-token statistics of fastdpo.linear_logps, each [M]
+    aux_loss: torch.Tensor | None        # scalar MoE router load-balancing loss (None: a dense model)
+
+
+def label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, stats: tuple[str, ...] = ()) -> LabelLogps:
+    """One forward of the packed stream: ``log p(targets[j])`` at stream positions ``index[j]`` (default: the batch's
+    scored tokens, ``logit_index`` and ``targets``), the requested per-token statistics and the forward's
+    ``aux_loss`` (the MoE router load-balancing loss of a model whose config sets ``output_router_logits``).
 
     The model's own forward runs (so DDP's gradient synchronisation, PEFT adapters and their
     disabling, and gradient checkpointing all apply) with ``logits_to_keep=1``, which leaves its LM
@@ -38,7 +51,7 @@ def _label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor
     with ``use_cache=False`` transformers derives the document mask from the position ids for every
     attention implementation (block-diagonal causal for sdpa/eager, a ``BlockMask`` for
     flex_attention, varlen for flash-attention; ``packed_sdpa``, ``fastdpo.models.attention``, splits the
-    stream there), so attention never crosses a sequence boundary. Shared-prefix layout (``batch.segments``):
+    stream there), so attention never crosses a sequence boundary. Streams with branches (``batch.segments``):
     ``fastdpo.models.prefix_attention.attention_inputs`` adds the masks or the segment layout the model's
     attention implementation needs, or raises ``ValueError`` for one that has no shared-prefix path.
     Only the hidden states at ``index`` reach ``fastdpo.linear_logps``, with the model's head weight,
@@ -48,6 +61,8 @@ def _label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor
     shared prefix each prompt token is routed once, not twice), and as the stream has no padding, the aux loss
     needs no attention mask.
     """
+    index = batch.logit_index if index is None else index
+    targets = batch.targets if targets is None else targets
     lm = causal_lm(model)
     attention = {} if batch.segments is None else attention_inputs(
         lm.config, batch.position_ids, batch.segments, lm.get_input_embeddings().weight.dtype)
@@ -59,9 +74,11 @@ def _label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
+    transform = logit_transform(lm.config)
     logps, stats = linear_logps_with_stats(captured[-1][0, index], _gathered(head.weight), targets, stats,
-                                           _gathered(head.bias), **logit_transform(lm.config))
-    return logps, stats, getattr(output, "aux_loss", None)
+                                           _gathered(head.bias), logit_scale=transform.logit_scale,
+                                           softcap=transform.softcap, temperature=transform.temperature)
+    return LabelLogps(logps, stats, getattr(output, "aux_loss", None))
 
 
 def _gathered(param: torch.Tensor | None) -> torch.Tensor | None:
@@ -160,7 +177,7 @@ def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, *,
     (the reference's share of ``pair_logps``).
 
     Args:
-        model: a transformers causal LM, possibly wrapped by PEFT or DDP (forward as ``_label_logps``).
+        model: a transformers causal LM, possibly wrapped by PEFT or DDP (forward as ``label_logps``).
         batch: a micro-batch from ``fastdpo.data.pack_pairs`` on the model's device.
         ld_alpha: LD-DPO's α (``ld_pair_logps``), or None for plain sums.
 
@@ -203,7 +220,8 @@ def pair_logps(model: torch.nn.Module, batch: PackedBatch, *, ld_alpha: float | 
     if prompt_nll:
         prompt_index, prompt_targets, prompt_spans = chosen_prompt_targets(batch)
         index, targets = torch.cat([index, prompt_index]), torch.cat([targets, prompt_targets])
-    logps, stats, aux_loss = _label_logps(model, batch, index, targets, ("log_sum_p2",) if wpo else ())
+    out = label_logps(model, batch, index, targets, ("log_sum_p2",) if wpo else ())
+    logps = out.logps
     token_logps, label_cu = logps[:n], batch.label_cu_seqlens
     sums = sequence_logps(token_logps, label_cu)
     lengths = _lengths(label_cu).to(sums.device)
@@ -214,6 +232,6 @@ def pair_logps(model: torch.nn.Module, batch: PackedBatch, *, ld_alpha: float | 
     return PairLogps(
         chosen=chosen, rejected=rejected, chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
         chosen_nll=chosen_nll, nll_tokens=chosen_nll_tokens(batch, with_prompt=prompt_nll).to(sums.device),
-        wpo_weights=wpo_weights(token_logps, stats["log_sum_p2"][:n], label_cu) if wpo else None,
-        aux_loss=aux_loss,
+        wpo_weights=wpo_weights(token_logps, out.stats["log_sum_p2"][:n], label_cu) if wpo else None,
+        aux_loss=out.aux_loss,
     )

@@ -1,32 +1,103 @@
-"""``PackedTrainerMixin``: what every fastdpo trainer on packed micro-batches shares on ``transformers.Trainer``."""
+"""``PackedTrainer``: the base of fastdpo's trainers on ``transformers.Trainer``: what DPO, online DPO and SFT share."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from functools import partial
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from transformers import Trainer
 
-from ..data import PackedBatch
-from ..data.packing import IndexedPairs
+from ..data import Grouping, PackedBatch, TokenBudgetBatchSampler, pack
+from ..data.packing import IndexedRows
+from ..models import is_peft
 from .checkpoints import AtomicCheckpointMixin
 from .metrics import MetricWindow
+from .packed_config import PackedConfig
 
 
-class PackedTrainerMixin(AtomicCheckpointMixin):
-    """Mix in before ``transformers.Trainer``: loaders of whole packed micro-batches (the subclass's
-    ``batch_sampler``), ``PackedBatch`` inputs moved to the device, a ``MetricWindow`` (``self.metrics``, made by
-    ``init_metrics``) logged with the Trainer's logs, evaluation time left out of tokens/s, loss-only prediction
-    steps, and atomic checkpoints."""
+class PackedTrainer(AtomicCheckpointMixin, Trainer):
+    """Training on packed micro-batches (``fastdpo.data.PackedBatch``). The base wraps ``model`` in ``peft_config``'s
+    adapters, tokenises raw datasets (keeping a report of what was dropped per split, ``drop_reports``), builds the
+    loaders of whole micro-batches, counts each optimiser step's items over all processes before its first
+    micro-batch (``step_counts``; the loss divides by them, so the Trainer does not rescale it), keeps a
+    ``MetricWindow`` (``metrics``) logged with the Trainer's training and evaluation logs, leaves evaluation time
+    out of tokens/s, runs loss-only prediction steps and writes atomic checkpoints.
+
+    A subclass declares what is its own:
+
+    - ``tokenized_columns`` and ``tokenize``: when a dataset is already tokenised, and how raw rows are;
+    - ``grouping``: how a tokenised row becomes segments of the packed stream (``fastdpo.data.Grouping``), set
+      before this ``__init__``; the default collator packs rows with it;
+    - ``batch_sampler``, where micro-batches are not whole rows under ``max_tokens_per_batch`` tokens;
+    - ``Counts`` and ``count``: what one micro-batch adds to its step's totals, the first field being the items
+      the step's loss is divided by (``num_items_in_batch``);
+    - ``compute_loss``, and optionally ``extra_logs``.
+
+    Raises:
+        ValueError: a dataset of raw rows without a tokenizer, and the subclass's tokenisation errors.
+    """
+
+    loss_is_scaled_for_ga = True
+    tokenized_columns: tuple[str, ...] = ()
+    grouping: Grouping
+    Counts: type[NamedTuple]
+
+    def __init__(self, model, args: PackedConfig, *, train_dataset=None, eval_dataset=None, processing_class=None,
+                 peft_config=None, data_collator=None, **kwargs):
+        if peft_config is not None and not is_peft(model):
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.drop_reports: dict[str, dict] = {}
+        super().__init__(model=model, args=args, processing_class=processing_class,
+                         data_collator=data_collator or partial(pack, grouping=self.grouping),
+                         train_dataset=self._tokenized(train_dataset, processing_class, args, "train"),
+                         eval_dataset=self._tokenized(eval_dataset, processing_class, args, "eval"), **kwargs)
+        self.metrics = MetricWindow(
+            (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None)
+        self.step_counts: NamedTuple | None = None
+
+    # ------------------------------------------------------------------ data
+    def tokenize(self, dataset, tokenizer, args: PackedConfig) -> tuple:
+        """(tokenised dataset with ``tokenized_columns``, report of the rows dropped or cut, or None where the
+        tokenisation drops nothing)."""
+        raise NotImplementedError
+
+    def _tokenized(self, dataset, tokenizer, args: PackedConfig, split: str):
+        if dataset is None or set(self.tokenized_columns) <= set(dataset.column_names):
+            return dataset
+        if tokenizer is None:
+            raise ValueError(f"the {split} dataset holds raw rows: pass the tokenizer as processing_class")
+        dataset, report = self.tokenize(dataset, tokenizer, args)
+        if report is not None:
+            self.drop_reports[split] = report
+        return dataset
 
     def batch_sampler(self, dataset, *, shuffle: bool, seed: int, batch_size: int):
-        """The micro-batches (lists of row indices) of ``dataset``; ``batch_size`` is the Trainer's rows per device,
-        for a sampler that counts rows rather than tokens."""
-        raise NotImplementedError
+        """The micro-batches (lists of row indices) of ``dataset``: whole rows under ``max_tokens_per_batch`` tokens
+        (``TokenBudgetBatchSampler``). ``batch_size`` is the Trainer's rows per device, for a sampler that counts
+        rows rather than tokens (``row_batches``)."""
+        return TokenBudgetBatchSampler(self.row_lengths(dataset), self.args.max_tokens_per_batch, shuffle=shuffle,
+                                       seed=seed)
+
+    def row_lengths(self, dataset) -> list[int]:
+        """Tokens each row of a tokenised dataset occupies in a packed stream (``grouping.length``)."""
+        return [self.grouping.length(row) for row in dataset.select_columns(list(self.tokenized_columns))]
+
+    @staticmethod
+    def row_batches(dataset, *, shuffle: bool, seed: int, batch_size: int) -> BatchSampler:
+        """Micro-batches of ``batch_size`` rows, in a seeded random order or in order."""
+        order = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else SequentialSampler(dataset)
+        return BatchSampler(order, batch_size, drop_last=False)
 
     def _packed_loader(self, dataset, *, shuffle: bool, batch_size: int) -> DataLoader:
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        loader = DataLoader(IndexedPairs(dataset), collate_fn=self.data_collator,
+        loader = DataLoader(IndexedRows(dataset), collate_fn=self.data_collator,
                             batch_sampler=self.batch_sampler(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size),
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
@@ -41,14 +112,27 @@ class PackedTrainerMixin(AtomicCheckpointMixin):
             dataset = self.eval_dataset[dataset]
         return self._packed_loader(dataset, shuffle=False, batch_size=self.args.per_device_eval_batch_size)
 
-    def init_metrics(self) -> None:
-        """Call after ``Trainer.__init__`` (the window reduces over the accelerator's processes)."""
-        self.metrics = MetricWindow(
-            (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None)
-
     def _prepare_inputs(self, inputs: PackedBatch) -> PackedBatch:
         return inputs.to(self.args.device)
 
+    # ------------------------------------------------------------- counting
+    def count(self, batch: PackedBatch) -> NamedTuple:
+        """What ``batch`` adds to its optimiser step's totals, as a ``Counts``."""
+        raise NotImplementedError
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimiser step and the items its loss divides by, over all processes; the
+        step's other totals stay in ``step_counts``."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        counts = [self.count(b) for b in batches]
+        totals = [sum(c) for c in zip(*counts)] if counts else [0] * len(self.Counts._fields)
+        totals = torch.tensor([totals], device=device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.gather(totals)
+        self.step_counts = self.Counts(*totals.sum(0))
+        return batches, self.step_counts[0]
+
+    # ------------------------------------------------------------ evaluation
     def evaluate(self, *args, **kwargs):
         start = time.perf_counter()
         try:
@@ -56,19 +140,27 @@ class PackedTrainerMixin(AtomicCheckpointMixin):
         finally:   # evaluation inside training does not count as training time for tokens/s
             self.metrics.exclude(time.perf_counter() - start)
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # the window's means replace the Trainer's eval loss (a mean of micro-batch means)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.metrics.pop("eval").items()})
+        return output
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def extra_logs(self, mode: str) -> dict[str, float]:
-        """Values a subclass logs beside the window's means."""
+    # --------------------------------------------------------------- logging
+    def extra_logs(self) -> dict[str, float]:
+        """Values a subclass logs beside the training window's means."""
         return {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        # the Trainer's training loss is the optimised one
-        logs.update(self.metrics.pop(mode, skip=("loss",) if mode == "train" else ()))
-        logs.update(self.extra_logs(mode))
+        if self.control.should_log:   # the training step's log: the Trainer clears should_log once it is written
+            # the Trainer's training loss is the optimised one
+            logs.update(self.metrics.pop("train", skip=("loss",)))
+            logs.update(self.extra_logs())
         super().log(logs, start_time)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from ..data import PackedBatch
+from ..data.packing import REF_COLUMNS
 from ..models import causal_lm, is_peft
 from .forward import packed_sequence_logps
 
@@ -63,8 +64,8 @@ class PrecomputedReference:
         return getattr(self.fallback, "model", None)
 
     def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
-        if batch.ref_logps is not None:
-            return batch.ref_logps
+        if set(REF_COLUMNS) <= set(batch.row_values):
+            return tuple(batch.row_values[c] for c in REF_COLUMNS)
         if self.fallback is None:
             raise ValueError("this micro-batch carries no precomputed reference log-probs and the reference model "
                              "was released (precompute_ref_log_probs=True): give every dataset its reference columns")

@@ -1,21 +1,22 @@
-"""``PreferenceTrainer``: what offline and online DPO share on ``transformers.Trainer`` — the reference strategy,
-the loss over the pairs of the effective batch, the metric window and atomic checkpoints."""
+"""``PreferenceTrainer``: what offline and online DPO share on ``PackedTrainer`` — the pair layout, the reference
+strategy and the loss over the pairs of the effective batch."""
 
 from __future__ import annotations
 
-import itertools
 import logging
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from transformers import Trainer
 
-from ..data import PackedBatch
+from ..data import PackedBatch, PairGrouping
 from ..losses import LossSpec, orpo_log_odds, preference_loss
 from ..models import causal_lm, is_peft
 from ..models.prefix_attention import unsupported_reason
 from .config import DPOConfig
 from .forward import PairLogps, chosen_nll_tokens, pair_logps
-from .packed_trainer import PackedTrainerMixin
+from .metrics import Mean, Metrics, metric
+from .packed_trainer import PackedTrainer
 from .ref_sync import SyncRefModelCallback, check_sync_compatible
 from .reference import ReferenceModel, reference_logps, resolve_reference
 
@@ -28,8 +29,33 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
 
-class PreferenceTrainer(PackedTrainerMixin, Trainer):
-    """The DPO-family loss on packed micro-batches (``fastdpo.data.PackedBatch``); subclasses supply the data.
+@dataclass
+class PreferenceMetrics(Metrics):
+    """TRL's DPO metrics: means over pairs, ``nll_loss`` over the chosen NLL tokens (with an NLL term)."""
+
+    loss: Mean | None = None
+    rewards_chosen: Mean | None = metric("rewards/chosen")
+    rewards_rejected: Mean | None = metric("rewards/rejected")
+    rewards_accuracies: Mean | None = metric("rewards/accuracies")
+    rewards_margins: Mean | None = metric("rewards/margins")
+    logps_chosen: Mean | None = metric("logps/chosen")
+    logps_rejected: Mean | None = metric("logps/rejected")
+    log_odds_ratio: Mean | None = None      # ORPO's
+    log_odds_chosen: Mean | None = None
+    aux_loss: Mean | None = None            # MoE router load balancing
+    nll_loss: Mean | None = None
+
+
+class StepPairs(NamedTuple):
+    """What a step's DPO loss divides by: its pairs, and its chosen NLL tokens (the NLL term is their mean)."""
+
+    pairs: torch.Tensor
+    nll_tokens: torch.Tensor
+
+
+class PreferenceTrainer(PackedTrainer):
+    """The DPO-family loss on packed pairs (``fastdpo.data.PairGrouping``, with a shared prefix where the model's
+    attention supports it and ``args.prefix_sharing`` asks for it); subclasses supply the data.
 
     The loss is ``fastdpo.losses.preference_loss`` with ``args``' ``LossSpec``, averaged over the pairs of the
     effective batch (all micro-batches of one optimiser step, over all processes); the README's "Training"
@@ -43,21 +69,16 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
         NotImplementedError: ``sync_ref_model`` with a PEFT policy (TRL 1.16's check).
     """
 
-    # compute_loss already divides by the pairs of the whole effective batch
-    loss_is_scaled_for_ga = True
+    Counts = StepPairs
 
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, peft_config=None, **kwargs):
-        if peft_config is not None and not is_peft(model):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, **kwargs):
+        self.grouping = PairGrouping(use_prefix_sharing(model, args))
+        super().__init__(model, args, **kwargs)
+        model = self.model
         _check_reference_options(model, ref_model, args)
         model_adapter = _set_up_adapters(model, args)
-        super().__init__(model=model, args=args, **kwargs)
         self.loss_spec = args.loss_spec()
-        self.init_metrics()
         self.aux_loss_enabled, self.router_aux_loss_coef = _router_aux_loss(model, args)
-        self._step_nll_tokens: torch.Tensor | None = None
         self.reference = resolve_reference(model, ref_model, args, self.loss_spec.needs_reference,
                                            self.accelerator.unwrap_model, model_adapter)
         if isinstance(self.reference, ReferenceModel):
@@ -69,6 +90,11 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
                     self.reference.model, lambda m: causal_lm(self.accelerator.unwrap_model(m))))
 
     @property
+    def prefix_sharing(self) -> bool:
+        """Whether pairs are packed ``[prompt][chosen][rejected]`` (``use_prefix_sharing``)."""
+        return self.grouping.prefix_sharing
+
+    @property
     def ref_model(self) -> torch.nn.Module | None:
         """The separate reference model, or None (no reference, adapters, or released after precomputing)."""
         return getattr(self.reference, "model", None)
@@ -78,19 +104,12 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
         return self.loss_spec
 
     # ------------------------------------------------------------------ data
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The micro-batches of one optimiser step and their number of pairs, over all processes; with an NLL
-        term also the effective batch's chosen NLL tokens, which each micro-batch's NLL mean divides by."""
-        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+    def count(self, batch: PackedBatch) -> StepPairs:
+        """The pairs of ``batch`` and, with an NLL term, its chosen NLL tokens, which each micro-batch's NLL mean
+        divides by."""
         spec = self.loss_spec
-        nll_tokens = sum(int(chosen_nll_tokens(b, with_prompt=spec.prompt_nll).sum()) for b in batch_samples) \
-            if spec.uses_nll else 0
-        counts = torch.tensor([[sum(b.num_pairs for b in batch_samples), nll_tokens]], device=device)
-        if self.args.world_size > 1:
-            counts = self.accelerator.gather(counts)
-        pairs, nll_tokens = counts.sum(0)
-        self._step_nll_tokens = nll_tokens if spec.uses_nll else None
-        return batch_samples, pairs
+        return StepPairs(batch.num_rows,
+                         int(chosen_nll_tokens(batch, with_prompt=spec.prompt_nll).sum()) if spec.uses_nll else 0)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
@@ -102,8 +121,8 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
                             prompt_nll=spec.prompt_nll)
         ref = reference_logps(self.reference, model, inputs)
         nll_tokens = policy.nll_tokens.sum()
-        if num_items_in_batch is not None and self._step_nll_tokens is not None:
-            nll_tokens = self._step_nll_tokens * inputs.num_pairs / num_items_in_batch
+        if num_items_in_batch is not None and spec.uses_nll and self.step_counts is not None:
+            nll_tokens = self.step_counts.nll_tokens * inputs.num_rows / num_items_in_batch
         losses, chosen_rewards, rejected_rewards = preference_loss(
             spec, policy.chosen, policy.rejected, *(ref or (None, None)),
             chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
@@ -115,12 +134,12 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
             loss, share = losses.mean(), 1.0
         else:
             loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
-            share = inputs.num_pairs / num_items_in_batch * self.accelerator.num_processes
+            share = inputs.num_rows / num_items_in_batch * self.accelerator.num_processes
         aux = policy.aux_loss if self.aux_loss_enabled else None
         if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
             loss = loss + self.router_aux_loss_coef * aux * share
-        per_pair, per_token = self.loss_metrics(inputs, policy, ref, losses, chosen_rewards, rejected_rewards, aux)
-        self.metrics.add("train" if model.training else "eval", inputs, per_pair, per_token)
+        self.metrics.add("train" if model.training else "eval", inputs,
+                         self.loss_metrics(inputs, policy, ref, losses, chosen_rewards, rejected_rewards, aux))
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
             else loss
 
@@ -129,19 +148,19 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
         micro-batch is left out instead. Its backward would spread the NaN through every shared weight, so the
         skip returns ``zero_loss``."""
         bad = ~torch.isfinite(losses)
-        pairs = (inputs.pair_index[bad] if inputs.pair_index is not None else bad.nonzero().flatten()).tolist()
+        pairs = (inputs.row_index[bad] if inputs.row_index is not None else bad.nonzero().flatten()).tolist()
         where = f"step {self.state.global_step + 1}, training pair(s) {pairs} (losses {losses[bad].tolist()})"
         if not self.args.skip_nonfinite_losses:
             raise FloatingPointError(f"non-finite DPO loss at {where}; the weights were not updated. "
                                      "Set skip_nonfinite_losses to leave such micro-batches out.")
-        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", inputs.num_pairs, where)
-        self.metrics.add_total("train", "skipped_pairs", inputs.num_pairs)
+        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", inputs.num_rows, where)
+        self.metrics.add_total("train", "skipped_pairs", inputs.num_rows)
         return zero_loss(model)
 
     # --------------------------------------------------------------- metrics
     def loss_metrics(self, batch: PackedBatch, policy: PairLogps, ref, losses, chosen_rewards, rejected_rewards,
-                     aux=None) -> tuple[dict, dict]:
-        """TRL's per-pair metrics ({name: [B]}) and per-token ones ({name: (sum, count)}) of one micro-batch."""
+                     aux=None) -> PreferenceMetrics:
+        """TRL's metrics of one micro-batch: means over its pairs, and ``nll_loss`` over its chosen NLL tokens."""
         spec = self.step_loss_spec()
         chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
         losses = losses.detach()
@@ -149,22 +168,18 @@ class PreferenceTrainer(PackedTrainerMixin, Trainer):
             losses = losses + self.router_aux_loss_coef * aux.detach()
         if spec.length_normalised:
             chosen, rejected = chosen / policy.chosen_lengths, rejected / policy.rejected_lengths
-        per_pair = {
-            "loss": losses,
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen,
-            "logps/rejected": rejected,
-        }
-        if spec.prompt_nll:
-            log_odds = orpo_log_odds(chosen, rejected)
-            per_pair.update({"log_odds_ratio": torch.nn.functional.logsigmoid(log_odds), "log_odds_chosen": log_odds})
-        if aux is not None:   # weighted by pairs, as in the loss
-            per_pair["aux_loss"] = aux.detach().expand(losses.numel())
-        per_token = {"nll_loss": (policy.chosen_nll.detach().sum(), policy.nll_tokens.sum())} if spec.uses_nll else {}
-        return per_pair, per_token
+        log_odds = orpo_log_odds(chosen, rejected) if spec.prompt_nll else None
+        return PreferenceMetrics(
+            loss=Mean.of(losses), rewards_chosen=Mean.of(chosen_rewards), rewards_rejected=Mean.of(rejected_rewards),
+            rewards_accuracies=Mean.of((chosen_rewards > rejected_rewards).float()),
+            rewards_margins=Mean.of(chosen_rewards - rejected_rewards),
+            logps_chosen=Mean.of(chosen), logps_rejected=Mean.of(rejected),
+            log_odds_ratio=None if log_odds is None else Mean.of(torch.nn.functional.logsigmoid(log_odds)),
+            log_odds_chosen=None if log_odds is None else Mean.of(log_odds),
+            # weighted by pairs, as in the loss
+            aux_loss=None if aux is None else Mean.of(aux.detach().expand(losses.numel())),
+            nll_loss=Mean(policy.chosen_nll.detach().sum(), policy.nll_tokens.sum()) if spec.uses_nll else None,
+        )
 
 
 def _check_reference_options(model, ref_model, args: DPOConfig) -> None:

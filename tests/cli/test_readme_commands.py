@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fastdpo.cli.options import parse_train_args
-from fastdpo.cli.sft import parse_sft_args
+from fastdpo.cli.options import COMMANDS, parse_command
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-PARSERS = {"train": parse_train_args, "train-online": lambda argv: parse_train_args(argv, "train-online"),
-           "sft": parse_sft_args}
 
 
 def readme_commands() -> list[list[str]]:
@@ -21,14 +18,14 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in lines if line.strip().startswith("fastdpo ")]
 
 
-COMMANDS = [argv for argv in readme_commands() if argv[1] in PARSERS]
+TRAINING = [argv for argv in readme_commands() if argv[1] in COMMANDS]
 
 
 def test_the_readme_has_the_commands():
-    assert {argv[1] for argv in COMMANDS} == set(PARSERS)
+    assert {argv[1] for argv in TRAINING} == set(COMMANDS)
 
 
-@pytest.mark.parametrize("argv", COMMANDS, ids=lambda argv: " ".join(argv[1:4]))
+@pytest.mark.parametrize("argv", TRAINING, ids=lambda argv: " ".join(argv[1:4]))
 def test_readme_command_parses(argv):
-    script, args = PARSERS[argv[1]](argv[2:])
+    script, args, _ = parse_command(argv[2:], argv[1])
     assert script.dataset and args.output_dir

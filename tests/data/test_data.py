@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from _shared import HH_HARMLESS, smollm2_tokenizer
-from fastdpo.data import extract_prompt, load_preference_dataset, tokenize_pairs
+from fastdpo.data import extract_prompt, load_rows, tokenize_pairs
 from fastdpo.data import loading as data
 
 ROWS = [{"prompt": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(5)]
@@ -92,13 +92,13 @@ def _ids(pairs):
     return [(row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]) for row in pairs]
 
 
-# ---- load_preference_dataset ---------------------------------------------------------------------
+# ---- load_rows ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(WRITERS))
 def test_load_each_file_type(tmp_path, name):
     path = WRITERS[name](tmp_path / name, ROWS)
-    train, eval_ = load_preference_dataset(str(path))
+    train, eval_ = load_rows(str(path))
     assert eval_ is None
     assert train.num_rows == 5
     assert train[3] == ROWS[3]
@@ -107,7 +107,7 @@ def test_load_each_file_type(tmp_path, name):
 def test_load_directory_infers_splits(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
     _write_jsonl(tmp_path / "test.jsonl", ROWS[4:])
-    train, eval_ = load_preference_dataset(str(tmp_path), eval_split="test")
+    train, eval_ = load_rows(str(tmp_path), eval_split="test")
     assert train["prompt"] == [r["prompt"] for r in ROWS[:4]]
     assert eval_["prompt"] == [ROWS[4]["prompt"]]
 
@@ -116,29 +116,29 @@ def test_load_directory_infers_splits(tmp_path):
 def test_load_missing_path(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing|no/such/dir"):
-        load_preference_dataset(name)
+        load_rows(name)
 
 
 def test_load_unsupported_extension(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("hello\n")
     with pytest.raises(ValueError, match=r"data\.txt.*\.jsonl.*\.parquet.*\.csv"):
-        load_preference_dataset(str(path))
+        load_rows(str(path))
 
 
 def test_load_missing_split(tmp_path):
     path = _write_jsonl(tmp_path / "data.jsonl", ROWS)
     with pytest.raises(ValueError, match=r"'validation'.*\['train'\]"):
-        load_preference_dataset(str(path), split="validation")
+        load_rows(str(path), split="validation")
     with pytest.raises(ValueError, match=r"'test'.*\['train'\]"):
-        load_preference_dataset(str(path), eval_split="test")
+        load_rows(str(path), eval_split="test")
 
 
 def test_load_hub_name_goes_to_datasets(monkeypatch):
     calls = []
     fake = datasets.DatasetDict({"train": _rows(ROWS)})
     monkeypatch.setattr(data.datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or fake)
-    train, _ = load_preference_dataset("someone/prefs", max_samples=2)
+    train, _ = load_rows("someone/prefs", max_samples=2)
     assert calls == [(("someone/prefs",), {})]
     assert train.num_rows == 2
 
@@ -146,21 +146,21 @@ def test_load_hub_name_goes_to_datasets(monkeypatch):
 def test_max_samples_then_eval_fraction(tmp_path):
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(300)]
     path = _write_jsonl(tmp_path / "data.jsonl", rows)
-    train, eval_ = load_preference_dataset(str(path), max_samples=250, eval_fraction=0.2)
+    train, eval_ = load_rows(str(path), max_samples=250, eval_fraction=0.2)
     assert (train.num_rows, eval_.num_rows) == (200, 50)
     taken = set(train["prompt"]) | set(eval_["prompt"])
     assert len(taken) == 250 and taken == {f"q{i}" for i in range(250)}
 
-    again_train, again_eval = load_preference_dataset(str(path), max_samples=250, eval_fraction=0.2)
+    again_train, again_eval = load_rows(str(path), max_samples=250, eval_fraction=0.2)
     assert again_eval["prompt"] == eval_["prompt"] and again_train["prompt"] == train["prompt"]
-    _, other_eval = load_preference_dataset(str(path), max_samples=250, eval_fraction=0.2, seed=7)
+    _, other_eval = load_rows(str(path), max_samples=250, eval_fraction=0.2, seed=7)
     assert other_eval["prompt"] != eval_["prompt"]
 
 
 def test_max_samples_caps_eval_split(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", ROWS)
     _write_jsonl(tmp_path / "test.jsonl", ROWS)
-    train, eval_ = load_preference_dataset(str(tmp_path), eval_split="test", max_samples=3)
+    train, eval_ = load_rows(str(tmp_path), eval_split="test", max_samples=3)
     assert (train.num_rows, eval_.num_rows) == (3, 3)
     assert eval_["prompt"] == [r["prompt"] for r in ROWS[:3]]
 
@@ -177,7 +177,7 @@ def test_max_samples_caps_eval_split(tmp_path):
 def test_load_bad_options(tmp_path, kwargs, message):
     path = _write_jsonl(tmp_path / "data.jsonl", ROWS)
     with pytest.raises(ValueError, match=message):
-        load_preference_dataset(str(path), **kwargs)
+        load_rows(str(path), **kwargs)
 
 
 # ---- extract_prompt ------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_bad_options(word_tokenizer):
 
 def test_second_call_hits_the_cache(tmp_path, word_tokenizer):
     path = _write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p0", "chosen": "c0", "rejected": "r0"}] * 3)
-    train, _ = load_preference_dataset(str(path))
+    train, _ = load_rows(str(path))
     first, _ = tokenize_pairs(train, word_tokenizer)
     second, _ = tokenize_pairs(train, word_tokenizer)
     assert first.cache_files and first.cache_files == second.cache_files
@@ -509,7 +509,7 @@ def test_row_index_is_the_input_position_across_batches(word_tokenizer):
 @pytest.mark.skipif(not HH_HARMLESS.exists(), reason="shared HH-RLHF file not present")
 def test_hh_smoke():
     tok = smollm2_tokenizer()
-    train, _ = load_preference_dataset(str(HH_HARMLESS), max_samples=20)
+    train, _ = load_rows(str(HH_HARMLESS), max_samples=20)
     pairs, report = tokenize_pairs(train, tok, max_length=512, max_prompt_length=256)
     assert report["rows"] == 20 and report["kept"] + report["prompt_too_long"] + report["identical"] == 20
     assert report["kept"] > 0

@@ -25,9 +25,9 @@ def test_pack_pairs_layout():
     assert b.targets.tolist() == [8, 9, 10, 12, 13, 14, 15, 16]
     assert all(b.input_ids[0, i + 1] == t for i, t in zip(b.logit_index.tolist(), b.targets.tolist()))
     assert b.label_cu_seqlens.tolist() == [0, 2, 3, 6, 8]
-    assert b.ref_logps is None and b.pair_index is None
+    assert b.row_values == {} and b.row_index is None
     with_ref = pack_pairs([dict(r, ref_chosen_logps=-1.5, ref_rejected_logps=-2.5) for r in ROWS])
-    assert with_ref.ref_rejected_logps.tolist() == [-2.5, -2.5]
+    assert with_ref.row_values["ref_rejected_logps"].tolist() == [-2.5, -2.5]
 
 
 def test_pack_pairs_shared_prefix_layout():
@@ -36,7 +36,7 @@ def test_pack_pairs_shared_prefix_layout():
     b = pack_pairs(ROWS, prefix_sharing=True)
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 1, 2]]
-    assert b.cu_seqlens.tolist() == [0, 5, 6, 10, 12] and b.num_pairs == 2
+    assert b.cu_seqlens.tolist() == [0, 5, 6, 10, 12] and b.num_rows == 2
     assert b.logit_index.tolist() == [2, 3, 2, 6, 7, 8, 6, 10]
     assert b.targets.tolist() == [8, 9, 10, 12, 13, 14, 15, 16] and b.label_cu_seqlens.tolist() == [0, 2, 3, 6, 8]
     seg = b.segments
@@ -46,7 +46,7 @@ def test_pack_pairs_shared_prefix_layout():
     assert seg.cu_seqlens_k.dtype == torch.int32 and b.to("cpu").segments.kv_index.dtype == torch.long
     assert pair_length(ROWS[0], prefix_sharing=True) == 6 and pack_pairs(ROWS).segments is None
     with pytest.raises(ValueError, match="pair 7: empty prompt and rejected token list"):
-        pack_pairs([{"prompt_input_ids": [], "chosen_input_ids": [1], "rejected_input_ids": [], "pair_index": 7}])
+        pack_pairs([{"prompt_input_ids": [], "chosen_input_ids": [1], "rejected_input_ids": [], "row_index": 7}])
 
 
 def test_token_budget_sampler():

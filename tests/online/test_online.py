@@ -237,7 +237,7 @@ def test_cli_errors(tmp_path, capsys):
     assert cli.main([*base, "--judge", "j", "--precompute-ref-log-probs"]) == 2
     assert "fastdpo train-online: error: precompute_ref_log_probs is impossible online" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.parse_train_args(["--dataset", str(data), "--judge", "j", "--eval-fraction", "0.5"], "train-online")
+        cli.parse_command(["--dataset", str(data), "--judge", "j", "--eval-fraction", "0.5"], "train-online")
     assert "evaluation is not implemented for train-online" in capsys.readouterr().err
 
 

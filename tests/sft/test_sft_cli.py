@@ -8,7 +8,6 @@ import torch
 from _reference import rel_err
 from _shared import DIALOGUES, SMOLLM2_GGUF, A, H, write_hh_pairs
 from fastdpo import cli
-from fastdpo.cli import sft
 from fastdpo.data.sft import pack_sequences, tokenize_sft
 
 
@@ -20,10 +19,10 @@ def test_help_and_option_errors(capsys, tmp_path):
     for option in ("--dataset", "--model", "--use_peft", "--completion_only_loss", "--assistant_only_loss",
                    "--max_tokens_per_batch", "--packing", "--dataset_text_field", "--max_length"):
         assert option in out
-    assert not [a.dest for a in sft._parser()._actions if a.dest != "help" and not (a.help or "").strip()]
-    with pytest.raises(SystemExit) as e:
-        sft.parse_sft_args(["--dataset", "d.jsonl", "--ref-model", "m", "--output-dir", str(tmp_path)])
-    assert e.value.code == 2 and "no reference model" in capsys.readouterr().err
+    assert not [a.dest for a in cli.command_parser("sft")._actions if a.dest != "help" and not (a.help or "").strip()]
+    # supervised fine-tuning has no reference model: --ref-model is not one of its options
+    assert cli.main(["sft", "--dataset", "d.jsonl", "--ref-model", "m", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown options: --ref-model m" in capsys.readouterr().err
     assert cli.main(["sft", "--dataset", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path),
                      "--model", str(SMOLLM2_GGUF)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
@@ -53,8 +52,9 @@ def test_short_real_run_loss_falls_and_adapter_reloads_into_dpo(tmp_path, smollm
     data, out = write_hh_pairs(tmp_path / "pairs.jsonl"), tmp_path / "sft"
     common = ["--model", str(SMOLLM2_GGUF), "--dataset", str(data), "--report-to", "none", "--save-strategy", "no",
               "--disable-tqdm", "true", "--logging-steps", "1"]
-    trainer, summary = sft.sft([*common, "--use-peft", "--lora-dropout", "0", "--output-dir", str(out),
-                                "--learning-rate", "2e-3", "--num-train-epochs", "5", "--max-tokens-per-batch", "512"])
+    trainer, summary = cli.train([*common, "--use-peft", "--lora-dropout", "0", "--output-dir", str(out),
+                                 "--learning-rate", "2e-3", "--num-train-epochs", "5", "--max-tokens-per-batch", "512"],
+                                 "sft")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.2, losses
     assert summary["drops"]["train"] == {"rows": 4, "kept": 4, "truncated": 0, "no_loss_tokens": 0}
@@ -72,3 +72,33 @@ def test_short_real_run_loss_falls_and_adapter_reloads_into_dpo(tmp_path, smollm
         dpo.model.set_adapter("reference")
         got = trainer.compute_loss(dpo.model.eval(), batch.to(dpo.args.device))
     assert rel_err(got, want) <= 1e-5
+
+
+def test_sft_plans_its_memory_and_reads_its_options_once(tmp_path, monkeypatch, capsys):
+    """`fastdpo sft` prints its memory estimate and picks the token budget as `fastdpo train` does; the command line
+    and its --config file are each read once (the memory plan knows what was given without parsing again)."""
+    import argparse
+
+    import yaml
+
+    from _shared import write_tiny_run
+
+    model_dir, data = write_tiny_run(tmp_path, pairs=4)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"dataset: {data}\nmax_length: 64\nlearning_rate: 1e-3\n")
+    argv = ["--config", str(config), "--model", str(model_dir), "--max-steps", "1", "--use-peft", "--output-dir",
+            str(tmp_path / "out"), "--report-to", "none", "--save-strategy", "no", "--disable-tqdm", "true"]
+    loads, parses = [], []
+    safe_load, parse_known_args = yaml.safe_load, argparse.ArgumentParser.parse_known_args
+    monkeypatch.setattr(yaml, "safe_load", lambda stream: loads.append(getattr(stream, "name", None)) or safe_load(stream))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args",
+                        lambda self, args=None, namespace=None: parses.append(list(args or [])) or
+                        parse_known_args(self, args, namespace))
+    trainer, _ = cli.train(argv, "sft")
+    assert loads.count(str(config)) == 1 and parses.count(argv) == 1
+    assert trainer.args.learning_rate == 1e-3 and trainer.args.max_length == 64   # "1e-3": a string to YAML
+    out = capsys.readouterr().out
+    assert "[fastdpo] memory: estimated peak" in out and "GiB available" in out
+    # max_length 64: a sequence needs up to 64 tokens; the CPU budget, and SFTConfig's 4096 tokens per step kept
+    assert "chose --max-tokens-per-batch 1024, --gradient-accumulation-steps 4" in out
+    assert (trainer.args.max_tokens_per_batch, trainer.args.gradient_accumulation_steps) == (1024, 4)

@@ -12,7 +12,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from _reference import rel_err
-from _shared import HH_HARMLESS, SMOLLM2_GGUF, ULTRAFEEDBACK, config, lora, pairs, smollm2_tokenizer, tiny_llama
+from _shared import HH_HARMLESS, SMOLLM2_GGUF, ULTRAFEEDBACK, config, lora, pairs, require, smollm2_tokenizer, tiny_llama
 from fastdpo import DPOTrainer, OnlineDPOConfig, OnlineDPOTrainer, cli
 from fastdpo.data.packing import pack_pairs
 from fastdpo.train.forward import packed_sequence_logps, pair_logps
@@ -144,6 +144,7 @@ def test_real_run_with_prefix_sharing(tmp_path, smollm2_cache, monkeypatch, capl
     pairs: the log names the layout, the loss falls, the saved adapter reloads to the same log-probs."""
     monkeypatch.setenv("FASTDPO_CACHE", str(smollm2_cache))
     path = HH_HARMLESS if dataset == "hh" else ULTRAFEEDBACK / "train.conversational.jsonl"
+    require(path, f"the shared {dataset} data")
     with caplog.at_level(logging.INFO, logger="fastdpo"):
         trainer, _ = cli.train([
             "--model", str(SMOLLM2_GGUF), "--dataset", str(path), "--max-samples", "4", "--output-dir",

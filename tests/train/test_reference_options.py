@@ -276,12 +276,12 @@ def test_moe_aux_loss_under_gradient_accumulation(tmp_path):
                                                  prefix_sharing=False,
                                                  router_aux_loss_coef=0.5), train_dataset=data)
     batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
-    assert sorted(len(b.pair_index) for b in batches) == [1, 2]
+    assert sorted(len(b.row_index) for b in batches) == [1, 2]
     model.train()
     got = sum(trainer.compute_loss(model, b, num_items_in_batch=torch.tensor(3)) for b in batches)
     want = 0.0
     for b in batches:
-        rows = [data[int(i)] for i in b.pair_index]
+        rows = [data[int(i)] for i in b.row_index]
         total, aux = by_hand(model, ref, rows)          # its DPO mean + COEF · aux
         dpo_mean = total - COEF * aux
         want += dpo_mean * len(rows) / 3 + 0.5 * aux * len(rows) / 3

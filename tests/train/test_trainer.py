@@ -10,9 +10,9 @@ import torch
 
 from _reference import rel_err
 from _shared import config, lora, pairs, tiny_llama
-from fastdpo import LOSS_TYPES, DPOTrainer
+from fastdpo import LOSS_TYPES, DPOTrainer, dpo_loss
 from fastdpo.data.packing import pack_pairs
-from fastdpo.train.forward import packed_sequence_logps
+from fastdpo.train.forward import packed_sequence_logps, pair_logps
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -131,12 +131,26 @@ NLL_CONFIGS = {"sft", "cpo", "simpo", "orpo"}
     dict(loss_type=["ipo", "hinge"], rpo_alpha=0.5, f_divergence_type="js_divergence"),
 ], ids=lambda o: "+".join(o["loss_type"]) if isinstance(o["loss_type"], list) else o["loss_type"])
 def test_every_loss_type_trains_a_step(tmp_path, options):
-    model = tiny_llama(seed=11)
+    """Each loss type and option reaches the loss: the trainer's loss equals dpo_loss called with the options
+    themselves (a reference other than the policy, so that margins, and with them label smoothing, matter)."""
+    model, data = tiny_llama(seed=11), pairs(4, seed=12)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = DPOTrainer(model, args=config(tmp_path, max_steps=1, max_tokens_per_batch=200, **options),
-                         train_dataset=pairs(4, seed=12))
+    trainer = DPOTrainer(model, tiny_llama(seed=13), args=config(tmp_path, max_steps=1, max_tokens_per_batch=200,
+                                                                 **options),
+                         train_dataset=data, eval_dataset=data)
     types = set(trainer.args.loss_type)
     assert (trainer.ref_model is None) == bool(types & {"cpo", "simpo", "orpo"})
+    batch, ld_alpha = pack_pairs(list(data)), options.get("ld_alpha")
+    with torch.no_grad():
+        policy = pair_logps(model, batch, ld_alpha=ld_alpha, wpo=options.get("use_weighting", False),
+                            prompt_nll="orpo" in types)
+        ref = pair_logps(trainer.ref_model, batch, ld_alpha=ld_alpha) if trainer.ref_model is not None else None
+    losses, _, _ = dpo_loss(policy.chosen, policy.rejected, *((ref.chosen, ref.rejected) if ref else (None, None)),
+                            beta=0.5, chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
+                            chosen_nll=policy.chosen_nll, nll_tokens=policy.nll_tokens.sum(),
+                            pair_weights=policy.wpo_weights,
+                            **{k: v for k, v in options.items() if k not in ("use_weighting", "ld_alpha")})
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
     trainer.train()
     logs = trainer.state.log_history[0]
     want = set(METRICS) | {"loss"} | ({"nll_loss"} if types & NLL_CONFIGS or "rpo_alpha" in options else set()) | (
@@ -253,13 +267,13 @@ def test_precomputed_reference_with_ld_alpha(tmp_path):
 
 
 def test_cli_parses_loss_lists_and_every_loss_type():
-    from fastdpo.cli import parse_train_args
+    from fastdpo.cli import parse_command
 
-    _, args = parse_train_args(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss-type", "sigmoid",
+    _, args, _ = parse_command(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss-type", "sigmoid",
                                 "sft", "--loss-weights", "1.0", "0.5", "--ld-alpha", "0.5", "--use-weighting"])
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert args.ld_alpha == 0.5 and args.use_weighting
     for loss_type in LOSS_TYPES:
-        _, args = parse_train_args(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss_type",
+        _, args, _ = parse_command(["--dataset", "x.jsonl", "--output-dir", "out", "--use-cpu", "--loss_type",
                                     loss_type, "--label_smoothing", "0.1"])
         assert args.loss_type == [loss_type]
