@@ -23,8 +23,8 @@ class LogitTransform:
     """Scalar parameters of the logit transform; the identity by default.
 
     Raises:
-        ValueError: ``logit_scale`` or ``temperature`` not finite and positive (scale may be any
-            finite non-zero value), or ``softcap`` not ``None`` / finite positive.
+        ValueError: ``logit_scale`` not finite and non-zero, ``temperature`` not finite and positive, or
+            ``softcap`` not ``None`` / finite positive.
     """
 
     logit_scale: float = 1.0
