@@ -1,11 +1,13 @@
 """Layer 3, data: load rows (local files, Hub names), find the prompts of preference rows, tokenise them and pack them
-into padding-free micro-batches (``pack``: a ``Grouping`` per kind of row, segments in a ``PackedBatch``). Imports torch
+into padding-free micro-batches (``pack``: a ``Grouping`` per kind of row, segments in a ``PackedBatch``); vision rows
+(``vision``) are tokenised with a processor and packed with their images. Imports torch
 and datasets only: no other fastdpo layer, never transformers."""
 
 from .formats import extract_prompt
 from .loading import load_rows
 from .packing import (
     Grouping,
+    ImageBatch,
     PackedBatch,
     PairGrouping,
     Segment,
@@ -16,7 +18,8 @@ from .packing import (
     pair_length,
 )
 from .tokenization import tokenize_pairs, tokenize_prompts
+from .vision import VisionPairGrouping, image_column, tokenize_vision_pairs
 
-__all__ = ["Grouping", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout", "TokenBudgetBatchSampler",
-           "extract_prompt", "load_rows", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
-           "tokenize_prompts"]
+__all__ = ["Grouping", "ImageBatch", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout",
+           "TokenBudgetBatchSampler", "VisionPairGrouping", "extract_prompt", "image_column", "load_rows", "pack",
+           "pack_pairs", "pair_length", "tokenize_pairs", "tokenize_prompts", "tokenize_vision_pairs"]

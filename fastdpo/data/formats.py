@@ -59,13 +59,15 @@ def _string_prompt_end(chosen: str, rejected: str) -> int:
     return end
 
 
-def row_texts(index, explicit, prompt, chosen, rejected, tokenizer, conversational) -> tuple[str, str, str] | None:
+def row_texts(index, explicit, prompt, chosen, rejected, tokenizer, conversational,
+              parts: bool = False) -> tuple[str, str, str] | None:
     """(prompt, chosen, rejected) texts of one row, or None when its completions are identical.
 
-    ``explicit``: the dataset has a prompt column; otherwise ``prompt`` is ignored and extracted.
+    ``explicit``: the dataset has a prompt column; otherwise ``prompt`` is ignored and extracted. ``parts``: message
+    contents may be lists of text and image parts (``check_messages``); ``tokenizer`` may then be a processor.
     """
     if conversational:
-        return _conversation_texts(index, explicit, prompt, chosen, rejected, tokenizer)
+        return _conversation_texts(index, explicit, prompt, chosen, rejected, tokenizer, parts)
     return _string_texts(index, explicit, prompt, chosen, rejected)
 
 
@@ -86,15 +88,15 @@ def _string_texts(index, explicit, prompt, chosen, rejected):
     return prompt, chosen, rejected
 
 
-def _conversation_texts(index, explicit, prompt, chosen, rejected, tokenizer):
-    check_messages(index, "chosen", chosen)
-    check_messages(index, "rejected", rejected)
+def _conversation_texts(index, explicit, prompt, chosen, rejected, tokenizer, parts):
+    check_messages(index, "chosen", chosen, parts)
+    check_messages(index, "rejected", rejected, parts)
     if not explicit:
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if not prompt:
             raise ValueError(f"row {index}: chosen and rejected share no leading message, so there is no prompt")
     else:
-        check_messages(index, "prompt", prompt)
+        check_messages(index, "prompt", prompt, parts)
         if not prompt:
             raise ValueError(f"row {index}: prompt is an empty message list")
     if chosen == rejected:
@@ -123,19 +125,29 @@ def _completion_text(index, name, prompt, prompt_text, completion, tokenizer) ->
     return full[len(prompt_text):]
 
 
-def check_messages(index, name, messages) -> None:
+def check_messages(index, name, messages, parts: bool = False) -> None:
+    """Raises ``ValueError`` naming the row unless ``messages`` is a list of ``{"role", "content"}`` dicts whose
+    role and content are strings, or with ``parts`` (vision rows, TRL's multimodal messages) whose content is a string
+    or a list of ``{"type": "text", "text": str}`` and ``{"type": "image"}`` parts."""
     if not isinstance(messages, list):
         raise ValueError(
             f"row {index}: {name} must be a list of {{'role', 'content'}} messages (conversational format, as row 0), "
             f"got {describe(messages)}"
         )
     for position, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+                and (isinstance(content, str) or parts and isinstance(content, list) and all(map(_is_part, content)))):
+            also = " (or a content list of text and image parts)" if parts else ""
             raise ValueError(
-                f"row {index}: {name}[{position}] must be a dict with 'role' and 'content' strings, "
+                f"row {index}: {name}[{position}] must be a dict with 'role' and 'content' strings{also}, "
                 f"got {describe(message)}"
             )
+
+
+def _is_part(part) -> bool:
+    return isinstance(part, dict) and (part.get("type") == "image"
+                                       or part.get("type") == "text" and isinstance(part.get("text"), str))
 
 
 def describe(value, limit: int = 120) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import datasets
 from datasets.exceptions import DatasetGenerationError
 
+from .vision import with_absolute_image_paths
+
 # Longest first, so "x.jsonl.gz" is not taken for a bare ".gz".
 _LOADERS = {
     ".jsonl.gz": "json", ".json.gz": "json", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
@@ -29,7 +31,8 @@ def load_rows(
     Args:
         source: a local file (``.json``, ``.jsonl``, ``.json.gz``, ``.jsonl.gz``, ``.parquet``, ``.csv``; it
             holds one split, ``"train"``, as in ``datasets``), a local directory (splits inferred by
-            ``datasets.load_dataset`` from the file names), or else a Hugging Face Hub dataset name.
+            ``datasets.load_dataset`` from the file names), or else a Hugging Face Hub dataset name. Relative image
+            paths in a local dataset's ``images``/``image`` column (vision rows) start from its folder.
             A source that does not exist is taken for a local path when it has a known extension, starts
             with ``/``, ``.`` or ``~``, or holds a backslash or more than one ``/`` (Hub names are
             ``name`` or ``owner/name``).
@@ -84,7 +87,7 @@ def _load_splits(source: str) -> datasets.DatasetDict:
         if loader is None:
             raise ValueError(f"unsupported file type: {source!r}; supported extensions: {', '.join(_LOADERS)}")
         try:
-            return datasets.load_dataset(loader, data_files=str(path))
+            return _absolute_images(datasets.load_dataset(loader, data_files=str(path)), path.parent)
         except (ValueError, DatasetGenerationError) as e:
             # pyarrow's and pandas' JSON errors name a byte position in a block, not the file or the line
             where = _json_syntax_error(path) if loader == "json" else None
@@ -92,10 +95,15 @@ def _load_splits(source: str) -> datasets.DatasetDict:
                 raise
             raise ValueError(f"{source}: {where}") from e
     if path.is_dir():
-        return datasets.load_dataset(str(path))
+        return _absolute_images(datasets.load_dataset(str(path)), path)
     if _looks_like_path(source):
         raise FileNotFoundError(f"no such file or directory: {source!r}")
     return datasets.load_dataset(source)
+
+
+def _absolute_images(splits: datasets.DatasetDict, base: Path) -> datasets.DatasetDict:
+    """A local dataset's image paths (vision rows) made absolute: relative ones start from the data's folder."""
+    return datasets.DatasetDict({name: with_absolute_image_paths(split, base) for name, split in splits.items()})
 
 
 def _pick_split(splits: datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:

@@ -36,11 +36,14 @@ class Segment:
             is never scored (nothing before it predicts it); a branch's first token is predicted from the last
             token of its prefix.
         prefix: 0 for a document of its own; p > 0 for a branch off the first p tokens of the row's first segment.
+        images: the images whose placeholder tokens are among ``ids``, in their order (as the row holds them: paths,
+            PIL images or ``datasets.Image`` dicts; ``Grouping.pixels`` turns them into model inputs).
     """
 
     ids: list[int]
     labels: list[int]
     prefix: int = 0
+    images: tuple = ()
 
 
 class Grouping:
@@ -62,6 +65,33 @@ class Grouping:
         """Tokens the row occupies in a packed stream."""
         return sum(len(s.ids) for s in self.segments(row, 0))
 
+    def pixels(self, images: list) -> ImageBatch:
+        """The model inputs of a stream's images, in stream order (for a grouping whose segments hold images)."""
+        raise NotImplementedError(f"{type(self).__name__} packs no images")
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """The images of a packed stream, in the order of their placeholder tokens, as the model's image processor makes
+    them.
+
+    Attributes:
+        pixel_values: float32, per image (LLaVA: [I, C, H, W]) or per patch (Qwen2-VL: [patches, C·T·P·P]).
+        image_grid_thw: [I, 3] int64 patch grid (time, height, width) of each image (Qwen2-VL), or None.
+    """
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> ImageBatch:
+        return _moved(self, device, non_blocking)
+
+
+def _moved(batch, device, non_blocking: bool):
+    """A dataclass of tensors (and host values) with its tensors on ``device``."""
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=non_blocking)
+                             for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)})
+
 
 @dataclass(frozen=True)
 class SegmentLayout:
@@ -82,8 +112,7 @@ class SegmentLayout:
     max_seqlen_k: int
 
     def to(self, device, non_blocking: bool = False) -> SegmentLayout:
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+        return _moved(self, device, non_blocking)
 
 
 @dataclass(frozen=True)
@@ -101,6 +130,7 @@ class PackedBatch:
         row_index: [R] int64 dataset index of each row (to name a failing row), or None.
         row_values: {column: [R] float32} the grouping's per-row columns (e.g. precomputed reference log-probs).
         segments: the ``SegmentLayout`` of a stream with branches, or None (documents only).
+        images: the segments' images (``Segment.images``) as model inputs, or None (no images).
     """
 
     input_ids: torch.Tensor
@@ -113,6 +143,7 @@ class PackedBatch:
     row_index: torch.Tensor | None = None
     row_values: dict[str, torch.Tensor] = field(default_factory=dict)
     segments: SegmentLayout | None = None
+    images: ImageBatch | None = None
 
     @property
     def num_rows(self) -> int:
@@ -122,7 +153,7 @@ class PackedBatch:
         """The batch on ``device`` (accelerate's ``send_to_device`` and the trainers call this)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in values.items()
-                 if isinstance(v, (torch.Tensor, SegmentLayout))}
+                 if isinstance(v, (torch.Tensor, SegmentLayout, ImageBatch))}
         row_values = {k: v.to(device, non_blocking=non_blocking) for k, v in self.row_values.items()}
         return replace(self, **moved, row_values=row_values)
 
@@ -148,9 +179,9 @@ def pack(rows: list[dict], grouping: Grouping) -> PackedBatch:
             ``columns``.
 
     Raises:
-        ValueError: the grouping's errors for a malformed row.
+        ValueError: the grouping's errors for a malformed row (and its ``pixels``' for an unreadable image).
     """
-    input_ids, position_ids, logit_index, targets, kv_index = [], [], [], [], []
+    input_ids, position_ids, logit_index, targets, kv_index, images = [], [], [], [], [], []
     cu_seqlens, label_cu_seqlens, cu_seqlens_k = [0], [0], [0]
     branched = False
     for i, row in enumerate(rows):
@@ -158,6 +189,7 @@ def pack(rows: list[dict], grouping: Grouping) -> PackedBatch:
         for segment in grouping.segments(row, row.get("row_index", i)):
             start, p = len(input_ids), segment.prefix
             input_ids += segment.ids
+            images += segment.images
             position_ids += range(p, p + len(segment.ids))
             keys = [*range(root, root + p), *range(start, start + len(segment.ids))]
             kv_index += keys
@@ -173,6 +205,8 @@ def pack(rows: list[dict], grouping: Grouping) -> PackedBatch:
     optional = {}
     if rows and all("row_index" in row for row in rows):
         optional["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)
+    if images:
+        optional["images"] = grouping.pixels(images)
     cu = torch.tensor(cu_seqlens, dtype=torch.int32)
     if branched:
         cu_k = torch.tensor(cu_seqlens_k, dtype=torch.int32)

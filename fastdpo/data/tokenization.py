@@ -64,6 +64,23 @@ def tokenize_pairs(
             and no ``eos_token_id``; bad limits or truncation mode; no pairs left after filtering.
     """
     _check_limits(max_length, max_prompt_length, truncation_mode)
+    columns, conversational = pair_columns(dataset)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational data needs a tokenizer with a chat template; this one has none")
+    if not conversational and tokenizer.eos_token_id is None:
+        raise ValueError("standard-format completions end with eos_token_id, and this tokenizer has none")
+    return map_pairs(dataset.select_columns(columns), _tokenize_batch, num_proc=num_proc, fn_kwargs=dict(
+        tokenizer=tokenizer, conversational=conversational, max_length=max_length,
+        max_prompt_length=max_prompt_length, truncation_mode=truncation_mode))
+
+
+def pair_columns(dataset: datasets.Dataset) -> tuple[list[str], bool]:
+    """The columns of a preference dataset that tokenisation reads (prompt if explicit, chosen, rejected), and whether
+    its rows are conversational (row 0's ``chosen`` is a list).
+
+    Raises:
+        ValueError: a missing ``chosen``/``rejected`` column, no rows.
+    """
     columns = _input_columns(dataset)
     first = dataset.select_columns(columns)[0]
     conversational = isinstance(first["chosen"], list)
@@ -71,30 +88,30 @@ def tokenize_pairs(
         # A string prompt beside message-list completions (HuggingFaceH4/ultrafeedback_binarized) repeats the
         # first user turn; TRL's maybe_extract_prompt ignores it and extracts the prompt from the messages.
         columns.remove("prompt")
-    if conversational and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("conversational data needs a tokenizer with a chat template; this one has none")
-    if not conversational and tokenizer.eos_token_id is None:
-        raise ValueError("standard-format completions end with eos_token_id, and this tokenizer has none")
+    return columns, conversational
 
-    mapped = dataset.select_columns(columns).map(
-        _tokenize_batch,
+
+def map_pairs(rows: datasets.Dataset, tokenize_batch, *, fn_kwargs: dict, num_proc: int | None,
+              kept: dict | None = None) -> tuple[datasets.Dataset, dict[str, int]]:
+    """``rows`` tokenised by ``tokenize_batch`` (a batched ``datasets.map`` body with indices returning the id columns,
+    ``kept``'s new columns and a drop reason per row), the dropped rows filtered out, and the report of
+    ``tokenize_pairs``. ``kept``: {column: feature} of the output columns besides the ids; those of ``rows`` among
+    them pass through as they are."""
+    kept = kept or {}
+    mapped = rows.map(
+        tokenize_batch,
         batched=True,
         with_indices=True,
-        remove_columns=columns,
-        features=datasets.Features(
-            {**{name: datasets.Sequence(datasets.Value("int64")) for name in _IDS_COLUMNS},
-             _DROP: datasets.Value("string")}
-        ),
-        fn_kwargs=dict(
-            tokenizer=tokenizer, conversational=conversational, max_length=max_length,
-            max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-        ),
+        remove_columns=[name for name in rows.column_names if name not in kept],
+        features=datasets.Features({**{name: datasets.Sequence(datasets.Value("int64")) for name in _IDS_COLUMNS},
+                                    **kept, _DROP: datasets.Value("string")}),
+        fn_kwargs=fn_kwargs,
         num_proc=num_proc,
         desc="Tokenising preference pairs",
     )
     drops = Counter(mapped[_DROP])
     report = {
-        "rows": len(dataset),
+        "rows": len(rows),
         "kept": drops[""],
         "prompt_too_long": drops["prompt_too_long"],
         "identical": drops["identical"],
@@ -209,15 +226,22 @@ def _tokenize_batch(batch, indices, *, tokenizer, conversational, max_length, ma
         row_texts(index, explicit, prompt, chosen, rejected, tokenizer, conversational)
         for index, prompt, chosen, rejected in zip(indices, prompts, batch["chosen"], batch["rejected"])
     ]
-    kept = iter(zip(*(_encode(tokenizer, [row[k] for row in rows if row is not None]) for k in range(3))))
     eos = [] if conversational else [tokenizer.eos_token_id]
+    encoded = ((p, c + eos, r + eos)
+               for p, c, r in zip(*(_encode(tokenizer, [row[k] for row in rows if row is not None]) for k in range(3))))
+    pairs = [None if row is None else next(encoded) for row in rows]
+    return batch_columns(pairs, max_length, max_prompt_length, truncation_mode)
+
+
+def batch_columns(pairs: list[tuple[list[int], list[int], list[int]] | None], max_length, max_prompt_length,
+                  truncation_mode) -> dict[str, list]:
+    """A tokenising ``datasets.map`` body's columns from each row's (prompt, chosen, rejected) ids, or None for
+    identical completions: the ids truncated (``_truncate``), and the drop reason (empty ids) of each dropped row."""
     out = {name: [] for name in (*_IDS_COLUMNS, _DROP)}
-    for row in rows:
+    for pair in pairs:
         reason, ids = "identical", ([], [], [])
-        if row is not None:
-            prompt_ids, chosen_ids, rejected_ids = next(kept)
-            truncated = _truncate(prompt_ids, chosen_ids + eos, rejected_ids + eos,
-                                  max_length, max_prompt_length, truncation_mode)
+        if pair is not None:
+            truncated = _truncate(*pair, max_length, max_prompt_length, truncation_mode)
             reason, ids = ("prompt_too_long", ids) if truncated is None else ("", truncated)
         for name, value in zip(_IDS_COLUMNS, ids):
             out[name].append(value)
