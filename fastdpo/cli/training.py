@@ -36,20 +36,22 @@ def _checkpoint_to_resume(args) -> str | None:
 
 
 def load_policy(script: RunArguments, args, *, reference: bool):
-    """(tokenizer, policy, reference model or None) as the command line asks: the source resolved, the model
-    loaded (4-bit with ``--load-in-4bit``), wrapped in a saved or a new LoRA adapter, and, for a command with a
-    ``reference`` (its config's adapter names, ``script.ref_model``), ``--ref-model``."""
+    """(tokenizer or a vision-language model's processor, policy, reference model or None) as the command line asks:
+    the source resolved, the model loaded (4-bit with ``--load-in-4bit``), wrapped in a saved or a new LoRA adapter (a
+    vision tower frozen unless ``--train-vision-tower``), and, for a command with a ``reference`` (its config's adapter
+    names, ``script.ref_model``), ``--ref-model``."""
     from ..models import (
         apply_lora,
         default_attn_implementation,
         load_causal_lm,
         load_lora_adapter,
-        load_tokenizer,
+        load_processing_class,
         resolve_model,
+        set_encoder_trainable,
     )
 
     source = resolve_model(script.model)
-    tokenizer = load_tokenizer(source, trust_remote_code=script.trust_remote_code)
+    tokenizer = load_processing_class(source, trust_remote_code=script.trust_remote_code)
     load = dict(dtype=getattr(torch, script.dtype), trust_remote_code=script.trust_remote_code,
                 attn_implementation=script.attn_implementation or default_attn_implementation(args.device.type))
     model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
@@ -59,7 +61,10 @@ def load_policy(script: RunArguments, args, *, reference: bool):
                                   quantized=script.load_in_4bit)
     elif script.use_peft:
         model = apply_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
-                           target_modules=script.lora_target_modules, quantized=script.load_in_4bit)
+                           target_modules=script.lora_target_modules, quantized=script.load_in_4bit,
+                           train_vision=script.train_vision_tower)
+    else:
+        set_encoder_trainable(model, script.train_vision_tower)
     ref_model = load_causal_lm(resolve_model(script.ref_model), **load) if reference and script.ref_model else None
     return tokenizer, model, ref_model
 

@@ -38,8 +38,9 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     Args:
         query: [B, H, T, D]; key, value: [B, H_kv, T, D] (grouped-query heads are shared, as ``sdpa``).
-        attention_mask: None for a packed stream (``packed_sdpa_mask`` builds none); anything else, or keys
-            longer than the queries (a KV cache), goes to transformers' ``sdpa_attention_forward``.
+        attention_mask: None for a packed stream (``packed_sdpa_mask`` builds none); anything else, keys longer
+            than the queries (a KV cache), or a module that is not causal (a vision encoder's, which attends its own
+            image) goes to transformers' ``sdpa_attention_forward``.
         position_ids: [B, T] positions restarting at 0 at each sequence (``fastdpo.data.pack_pairs``);
             without them each row is one sequence.
         sliding_window: the layer's window (Mistral, Gemma-2 local layers), by position within each sequence.
@@ -54,7 +55,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     Raises:
         ValueError: attention sinks or a position bias (no packed path for them), or a ``prefix_layout`` with B > 1.
     """
-    if attention_mask is not None or key.shape[2] != query.shape[2]:
+    if attention_mask is not None or key.shape[2] != query.shape[2] or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
     unsupported = [name for name in ("s_aux", "position_bias") if kwargs.get(name) is not None]

@@ -1,4 +1,5 @@
-"""Loading a causal LM (optionally 4-bit) and its tokenizer from a ``ModelSource``; the default attention."""
+"""Loading a causal LM or an image-text-to-text model (optionally 4-bit) and its tokenizer or processor from a
+``ModelSource``; the default attention."""
 
 from __future__ import annotations
 
@@ -8,9 +9,48 @@ import torch
 
 from .gguf import checkpoint_path
 from .sources import ModelSource
+from .vision import vision_family
 
 if TYPE_CHECKING:
     import transformers
+
+
+def is_vision_model(source: ModelSource, *, trust_remote_code: bool = False) -> bool:
+    """Whether ``source`` holds a vision-language model (``fastdpo.models.vision``; a GGUF file never does).
+
+    Raises:
+        ValueError: a vision-language model of a family fastdpo does not train (``vision_family``).
+    """
+    if source.gguf_file is not None:
+        return False
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    return vision_family(config) is not None
+
+
+def load_processing_class(source: ModelSource, *, trust_remote_code: bool = False):
+    """The processor of a vision-language model (``AutoProcessor``), else the tokenizer (``load_tokenizer``); either
+    way the tokenizer pads with eos where it has no pad token.
+
+    Raises:
+        ModuleNotFoundError: a processor that needs torchvision (Qwen2-VL's) without it; as ``is_vision_model``,
+            ``load_tokenizer`` and ``AutoProcessor.from_pretrained``.
+    """
+    if not is_vision_model(source, trust_remote_code=trust_remote_code):
+        return load_tokenizer(source, trust_remote_code=trust_remote_code)
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        if importlib.util.find_spec("torchvision") is None:
+            raise ModuleNotFoundError(f"the processor of {source.path} needs torchvision: {e}", name="torchvision") from e
+        raise
+    _pad_with_eos(processor.tokenizer)
+    return processor
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
@@ -23,9 +63,13 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> t
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(source), trust_remote_code=trust_remote_code)
+    _pad_with_eos(tokenizer)
+    return tokenizer
+
+
+def _pad_with_eos(tokenizer) -> None:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def default_attn_implementation(device_type: str) -> str:
@@ -49,7 +93,9 @@ def load_causal_lm(
     """Load a causal LM ready for training: safetensors weights only, ``config.use_cache = False``.
 
     A GGUF source loads from its converted checkpoint (``gguf_checkpoint``: converted on first use,
-    then a plain fast load), so the model carries no quantization marker.
+    then a plain fast load), so the model carries no quantization marker. A vision-language model
+    (``is_vision_model``) loads as ``AutoModelForImageTextToText``, ``attn_implementation`` for its language model
+    and sdpa for its vision tower.
 
     Args:
         dtype: weight dtype; with ``load_in_4bit``, the compute dtype and the dtype of the layers
@@ -60,10 +106,10 @@ def load_causal_lm(
             default).
 
     Raises:
-        as ``gguf_checkpoint`` and ``AutoModelForCausalLM.from_pretrained`` (OSError where the
+        as ``gguf_checkpoint``, ``is_vision_model`` and ``from_pretrained`` (OSError where the
         checkpoint has no safetensors weights).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     quantization_config = None
     if load_in_4bit:
@@ -72,7 +118,12 @@ def load_causal_lm(
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForCausalLM
+    if is_vision_model(source, trust_remote_code=trust_remote_code):
+        auto = AutoModelForImageTextToText
+        if attn_implementation is not None:
+            attn_implementation = {"text_config": attn_implementation, "vision_config": "sdpa"}
+    model = auto.from_pretrained(
         checkpoint_path(source), dtype=dtype, quantization_config=quantization_config,
         trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation,
     )

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .vision import encoder_names, encoder_pattern
+
 if TYPE_CHECKING:
     import peft
     import transformers
@@ -19,8 +21,11 @@ def apply_lora(
     dropout: float = 0.05,
     target_modules: list[str] | str | None = None,
     quantized: bool = False,
+    train_vision: bool = False,
 ) -> peft.PeftModel:
-    """Wrap ``model`` in LoRA adapters; only the adapters train.
+    """Wrap ``model`` in LoRA adapters; only the adapters train. A vision-language model's adapters go on its
+    language model only: its vision tower and projector stay frozen, or with ``train_vision`` train in full (peft's
+    ``modules_to_save``: saved with the adapter).
 
     Args:
         model: a ``transformers.PreTrainedModel`` (modified in place by peft).
@@ -28,16 +33,24 @@ def apply_lora(
             every linear layer except the LM head.
         quantized: ``model`` was loaded in 4 bits; prepare it with
             ``peft.prepare_model_for_kbit_training`` (no gradient checkpointing) first.
+        train_vision: train a vision-language model's vision tower and projector too.
 
     Raises:
-        ValueError: ``target_modules`` selects the LM head, whose raw weight fastdpo's log-probs read.
+        ValueError: ``target_modules`` selects the LM head, whose raw weight fastdpo's log-probs read;
+            ``train_vision`` for a text model, or with ``quantized`` (the tower's weights are 4-bit).
     """
     import peft
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    encoder = encoder_names(model)
+    if train_vision and (not encoder or quantized):
+        raise ValueError("train_vision trains a vision-language model's vision tower in full: "
+                         + ("this model has none" if not encoder else "its 4-bit weights cannot train; load it "
+                            "without load_in_4bit"))
     config = peft.LoraConfig(
         task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=target_modules if target_modules is not None else "all-linear",
+        exclude_modules=None if train_vision else encoder_pattern(model), modules_to_save=encoder if train_vision else None,
     )
     head_name = _lm_head_name(model)
     if check_target_module_exists(config, head_name):

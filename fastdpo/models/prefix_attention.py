@@ -122,7 +122,8 @@ def flash_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            prefix_layout: SegmentLayout | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """``flash_attention_2`` for a shared-prefix stream: ``flash_attn_varlen_func`` over the segments, queries in
     stream order against keys gathered by ``prefix_layout.kv_index``, causal aligned bottom-right (flash-attn >= 2.1),
-    the window as ``(window - 1, 0)``. Without ``prefix_layout``, transformers' ``flash_attention_forward``.
+    the window as ``(window - 1, 0)``. Without ``prefix_layout``, or for a module that is not causal (a vision
+    encoder's, which the layout reaches through its model's keyword arguments), transformers' ``flash_attention_forward``.
 
     Args:
         query: [1, H, T, D]; key, value: [1, H_kv, T, D] (grouped-query heads as flash-attn shares them).
@@ -130,7 +131,7 @@ def flash_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     Returns:
         ([1, T, H, D] in ``query``'s dtype, None).
     """
-    if prefix_layout is None:
+    if prefix_layout is None or not getattr(module, "is_causal", True):   # a vision encoder's attends its image
         return flash_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        sliding_window=sliding_window, softcap=softcap, **kwargs)
     from flash_attn import flash_attn_varlen_func

@@ -16,6 +16,7 @@ from ..data import PackedBatch
 from ..losses import check_ld_alpha
 from ..models import causal_lm
 from ..models.prefix_attention import attention_inputs
+from ..models.vision import model_inputs
 from ..ops import LogitTransform, linear_logps_with_stats, sequence_logps
 
 
@@ -60,21 +61,24 @@ def label_logps(model: torch.nn.Module, batch: PackedBatch, index: torch.Tensor 
     ``logits_to_keep`` only trims the LM head's input: the routers see every token of the stream (so with a
     shared prefix each prompt token is routed once, not twice), and as the stream has no padding, the aux loss
     needs no attention mask.
+
+    A vision-language model (``fastdpo.models.vision``) gets the batch's pixel values too, and its multimodal RoPE
+    positions where it has them (``model_inputs``); the hook reads its language model, the head is its ``lm_head``.
     """
     index = batch.logit_index if index is None else index
     targets = batch.targets if targets is None else targets
     lm = causal_lm(model)
+    config = lm.config.get_text_config()
     attention = {} if batch.segments is None else attention_inputs(
-        lm.config, batch.position_ids, batch.segments, lm.get_input_embeddings().weight.dtype)
+        config, batch.position_ids, batch.segments, lm.get_input_embeddings().weight.dtype)
     captured = []
     hook = lm.get_decoder().register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
     try:
-        output = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                       logits_to_keep=1, **attention)
+        output = model(**model_inputs(lm, batch), use_cache=False, logits_to_keep=1, **attention)
     finally:
         hook.remove()
     head = lm.get_output_embeddings()
-    transform = logit_transform(lm.config)
+    transform = logit_transform(config)
     logps, stats = linear_logps_with_stats(captured[-1][0, index], _gathered(head.weight), targets, stats,
                                            _gathered(head.bias), logit_scale=transform.logit_scale,
                                            softcap=transform.softcap, temperature=transform.temperature)

@@ -230,7 +230,7 @@ def _set_up_adapters(model, args: DPOConfig) -> str | None:
 def use_prefix_sharing(model, args: DPOConfig) -> bool:
     """Whether to pack pairs with a shared prefix: ``args.prefix_sharing`` and an attention implementation that runs
     it (``fastdpo.models.prefix_attention``); logs the layout and the attention either way."""
-    config = causal_lm(model).config
+    config = causal_lm(model).config.get_text_config()
     reason = unsupported_reason(config) if args.prefix_sharing else None
     shared = args.prefix_sharing and reason is None
     layout = "shared prefix [prompt][chosen][rejected]" if shared else "unshared [prompt+chosen][prompt+rejected]"
