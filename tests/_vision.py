@@ -24,7 +24,8 @@ QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}"
                  "{% endif %}")
 
 #: the decoder of each tiny model (and, scaled up, of the benchmark's)
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            initializer_range=0.1)   # weights large enough that positions and masks move the log-probs
 
 
 def byte_tokenizer(specials: list[str]):

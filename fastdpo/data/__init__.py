@@ -18,8 +18,9 @@ from .packing import (
     pair_length,
 )
 from .tokenization import tokenize_pairs, tokenize_prompts
-from .vision import VisionPairGrouping, image_column, tokenize_vision_pairs
+from .vision import VisionPairGrouping, first_row_with_images, images_fingerprint, tokenize_vision_pairs
 
 __all__ = ["Grouping", "ImageBatch", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout",
-           "TokenBudgetBatchSampler", "VisionPairGrouping", "extract_prompt", "image_column", "load_rows", "pack",
-           "pack_pairs", "pair_length", "tokenize_pairs", "tokenize_prompts", "tokenize_vision_pairs"]
+           "TokenBudgetBatchSampler", "VisionPairGrouping", "extract_prompt", "first_row_with_images",
+           "images_fingerprint", "load_rows", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
+           "tokenize_prompts", "tokenize_vision_pairs"]

@@ -157,17 +157,30 @@ def tokenize_vision_pairs(dataset: datasets.Dataset, processor, *, max_length: i
                          "entry per image")
     if not getattr(processor, "chat_template", None):
         raise ValueError("vision rows need a processor with a chat template; this one has none")
-    rows = dataset.select_columns([*columns, column])
-    feature = rows.features[column]
-    if getattr(feature, "feature", feature) == datasets.Image():
-        # read as bytes or paths: open_image names the row of a bad one, and the collator, not every row read, decodes
-        feature = datasets.List(datasets.Image(decode=False)) if hasattr(feature, "feature") \
-            else datasets.Image(decode=False)
-        rows = rows.cast_column(column, feature)
+    rows = undecoded(dataset.select_columns([*columns, column]), column)
     pairs, report = map_pairs(rows, _tokenize_vision_batch, num_proc=num_proc,
                               fn_kwargs=dict(processor=processor, column=column, max_length=max_length),
-                              kept={column: feature, "image_digest": datasets.Value("string")})
+                              kept={column: rows.features[column], "image_digest": datasets.Value("string")})
     return pairs.rename_column(column, "images") if column != "images" else pairs, report
+
+
+def undecoded(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
+    """``dataset`` with ``datasets.Image`` values of ``column`` left as bytes or paths: ``open_image`` then names the
+    row of a bad one, and the collator, not every read of a row, decodes them."""
+    feature = dataset.features[column]
+    if getattr(feature, "feature", feature) != datasets.Image():
+        return dataset
+    return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)) if hasattr(feature, "feature")
+                               else datasets.Image(decode=False))
+
+
+def first_row_with_images(dataset: datasets.Dataset) -> int | None:
+    """The index of the first row of ``dataset`` holding an image, None where none does (or it has no image column)."""
+    column = image_column(dataset)
+    if column is None:
+        return None
+    return next((i for i, value in enumerate(undecoded(dataset.select_columns([column]), column)[column])
+                 if row_images(value)), None)
 
 
 def _tokenize_vision_batch(batch, indices, *, processor, column, max_length):

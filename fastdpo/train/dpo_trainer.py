@@ -10,8 +10,16 @@ import torch
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
-from ..data import tokenize_pairs
+from ..data import (
+    PairGrouping,
+    VisionPairGrouping,
+    first_row_with_images,
+    images_fingerprint,
+    tokenize_pairs,
+    tokenize_vision_pairs,
+)
 from ..data.packing import REF_COLUMNS
+from ..models import causal_lm, vision_family
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
 from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
@@ -34,13 +42,17 @@ class DPOTrainer(PreferenceTrainer):
             frozen copy of a fully fine-tuned policy, or nothing for a reference-free loss.
         args: a ``DPOConfig``.
         train_dataset, eval_dataset: raw preference rows in any of TRL's formats (tokenised here with
-            ``fastdpo.data.tokenize_pairs``) or already tokenised pairs.
-        processing_class: the tokenizer (required for raw rows; saved with the model).
+            ``fastdpo.data.tokenize_pairs``), TRL's vision rows with an ``images`` column (a vision-language model
+            and its processor: ``fastdpo.data.tokenize_vision_pairs``; packed with their images, prompt and images
+            once per pair with prefix sharing) or already tokenised pairs (with ``images`` for vision rows).
+        processing_class: the tokenizer, or a vision-language model's processor (required for raw rows; saved with
+            the model).
         peft_config: a ``peft`` config to wrap ``model`` with.
 
     Raises:
-        ValueError: raw rows without a tokenizer, the errors of tokenisation and packing (malformed rows, pairs
-            longer than the token budget), of ``DPOConfig`` and of ``PreferenceTrainer``.
+        ValueError: raw rows without a tokenizer, rows with images for a text model or without a processor (the first
+            such row named), the errors of tokenisation and packing (malformed rows, pairs longer than the token
+            budget), of ``DPOConfig`` and of ``PreferenceTrainer``.
     """
 
     tokenized_columns = TOKENIZED_COLUMNS
@@ -48,6 +60,9 @@ class DPOTrainer(PreferenceTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, **kwargs):
         args = args or DPOConfig(output_dir="fastdpo-output")
+        self.image_processor = _image_processor(model, processing_class, train_dataset, eval_dataset)
+        if self.image_processor is not None:
+            self.tokenized_columns = (*TOKENIZED_COLUMNS, "images")
         super().__init__(model, ref_model, args=args, peft_config=peft_config, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         if self.reference is None:
@@ -61,9 +76,17 @@ class DPOTrainer(PreferenceTrainer):
             self.reference = PrecomputedReference(fallback=self.reference)
 
     # ------------------------------------------------------------------ data
+    def pair_grouping(self, prefix_sharing: bool) -> PairGrouping:
+        if self.image_processor is None:
+            return super().pair_grouping(prefix_sharing)
+        return VisionPairGrouping(prefix_sharing, image_processor=self.image_processor)
+
     def tokenize(self, dataset, tokenizer, args: DPOConfig):
-        return tokenize_pairs(dataset, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                              truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
+        if self.image_processor is not None:
+            return tokenize_vision_pairs(dataset, tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc)
+        return tokenize_pairs(dataset, getattr(tokenizer, "tokenizer", tokenizer), max_length=args.max_length,
+                              max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode,
+                              num_proc=args.dataset_num_proc)
 
     # ------------------------------------------------------- precomputed reference
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
@@ -74,7 +97,9 @@ class DPOTrainer(PreferenceTrainer):
         # A reference adapter is part of the reference; disabled adapters are not.
         adapter = isinstance(self.reference, AdapterReference) and self.reference.ref_adapter_name is not None
         weights = model_fingerprint(ref, exclude_adapters=not adapter)
-        fingerprint = Hasher.hash((dataset._fingerprint, weights, "ref-v2", self.args.ld_alpha))
+        # the images by content: a dataset's fingerprint holds only their paths
+        fingerprint = Hasher.hash((dataset._fingerprint, images_fingerprint(dataset), weights, "ref-v2",
+                                   self.args.ld_alpha))
         path = cache_path(fingerprint)
         with self.accelerator.local_main_process_first():
             cached = load_ref_logps(path, fingerprint, len(dataset))
@@ -91,7 +116,7 @@ class DPOTrainer(PreferenceTrainer):
     def _compute_reference(self, dataset: datasets.Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] float32 chosen and rejected reference log-probs of every pair, in token-budget micro-batches."""
         model = self.ref_model if self.ref_model is not None else self.model
-        rows = dataset.select_columns(list(TOKENIZED_COLUMNS))
+        rows = dataset.select_columns(list(self.tokenized_columns))
         chosen, rejected = torch.empty(len(rows)), torch.empty(len(rows))
         sampler = self.batch_sampler(rows, shuffle=False, seed=0, batch_size=self.args.per_device_eval_batch_size)
         was_training = model.training
@@ -105,3 +130,23 @@ class DPOTrainer(PreferenceTrainer):
         finally:
             model.train(was_training)
         return chosen, rejected
+
+
+def _image_processor(model, processing_class, *datasets_):
+    """The image processor of ``processing_class`` where a dataset holds images, else None.
+
+    Raises:
+        ValueError: images for a text model or without a processor, naming the first row that holds one.
+    """
+    rows = [(name, first_row_with_images(d)) for name, d in zip(("train", "eval"), datasets_) if d is not None]
+    with_images = [(name, row) for name, row in rows if row is not None]
+    if not with_images:
+        return None
+    lm = causal_lm(model)
+    image_processor = getattr(processing_class, "image_processor", None)
+    if vision_family(lm.config) is None or image_processor is None:
+        split, row = with_images[0]
+        what = f"{type(lm).__name__} is a text model" if image_processor else "the processing class is no processor"
+        raise ValueError(f"{split} row {row} holds images, but {what}: train a vision-language model (LLaVA, Qwen2-VL, "
+                         "Qwen2.5-VL) with its processor as processing_class, or drop the images column")
+    return image_processor

@@ -72,7 +72,7 @@ class PreferenceTrainer(PackedTrainer):
     Counts = StepPairs
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, **kwargs):
-        self.grouping = PairGrouping(use_prefix_sharing(model, args))
+        self.grouping = self.pair_grouping(use_prefix_sharing(model, args))
         super().__init__(model, args, **kwargs)
         model = self.model
         _check_reference_options(model, ref_model, args)
@@ -98,6 +98,10 @@ class PreferenceTrainer(PackedTrainer):
     def ref_model(self) -> torch.nn.Module | None:
         """The separate reference model, or None (no reference, adapters, or released after precomputing)."""
         return getattr(self.reference, "model", None)
+
+    def pair_grouping(self, prefix_sharing: bool) -> PairGrouping:
+        """How a pair is packed (a subclass whose rows carry more, e.g. images, packs them too)."""
+        return PairGrouping(prefix_sharing)
 
     def step_loss_spec(self) -> LossSpec:
         """The loss of the current step (a subclass may vary one field, e.g. β per epoch)."""
