@@ -2,6 +2,7 @@
 bits."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -69,8 +70,8 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny, tmp_path):
     assert got == pytest.approx(want, rel=1e-6)
 
 
-def poisoned_pairs(n=6, bad=3):
-    """Tokenised pairs with precomputed reference log-probs, one of them NaN."""
+def poisoned_pairs(n=6, bad=(3,)):
+    """Tokenised pairs with precomputed reference log-probs, NaN for the pairs ``bad``."""
     import datasets
     import torch
 
@@ -80,18 +81,18 @@ def poisoned_pairs(n=6, bad=3):
         rows.append({"prompt_input_ids": torch.randint(3, 49152, (4,), generator=g).tolist(),
                      "chosen_input_ids": torch.randint(3, 49152, (3,), generator=g).tolist(),
                      "rejected_input_ids": torch.randint(3, 49152, (2,), generator=g).tolist(),
-                     "ref_chosen_logps": float("nan") if i == bad else -30.0, "ref_rejected_logps": -20.0})
+                     "ref_chosen_logps": float("nan") if i in bad else -30.0, "ref_rejected_logps": -20.0})
     return datasets.Dataset.from_list(rows)
 
 
-def nan_trainer(tmp_path, **kw):
+def nan_trainer(tmp_path, bad=(3,), **kw):
     from _shared import tiny_llama
     from fastdpo import DPOConfig, DPOTrainer
 
     # 12 tokens: one 9-token pair (prompt once) a micro-batch, so the NaN pair is skipped alone
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                      max_tokens_per_batch=12, max_steps=6, logging_steps=1, learning_rate=1e-3, **kw)
-    return DPOTrainer(tiny_llama(seed=3), args=args, train_dataset=poisoned_pairs())
+    return DPOTrainer(tiny_llama(seed=3), args=args, train_dataset=poisoned_pairs(bad=bad))
 
 
 def test_nonfinite_loss_stops_naming_step_and_pair(tmp_path):
@@ -112,4 +113,23 @@ def test_nonfinite_loss_skipped_when_asked(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert sum(h.get("skipped_pairs", 0) for h in logs) == 1
-    assert all(h["loss"] == h["loss"] for h in logs)       # no NaN reached the logged loss
+    # the step whose one pair was skipped trained on nothing: its loss is NaN, not 0; no NaN reached the others
+    assert [math.isnan(h["loss"]) for h in logs] == ["skipped_pairs" in h for h in logs]
+    assert (trainer.tally.steps, trainer.tally.trained) == (6, 5)
+
+
+def test_run_whose_every_pair_is_skipped_says_so(tmp_path, caplog):
+    """Every pair non-finite and skipped: each step warns with the count and what to do, logs TRL's metric names as
+    NaN, and the tally records no trained step (the CLI then exits 2 with that reason)."""
+    import torch
+
+    trainer = nan_trainer(tmp_path, bad=range(6), skip_nonfinite_losses=True)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 6 and all(h["skipped_pairs"] == 1 for h in logs)
+    assert all(math.isnan(h[k]) for h in logs for k in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen"))
+    assert all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
+    assert (trainer.tally.steps, trainer.tally.trained) == (6, 0)
+    assert caplog.text.count("trained on nothing: all 1 pair(s) had a non-finite loss and were skipped") == 6
+    assert "What to do: correct those pairs' data or reference log-probs" in trainer.tally.untrained_reason
