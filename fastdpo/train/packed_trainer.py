@@ -48,7 +48,8 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     loaders of whole micro-batches, counts each optimiser step's items over all processes before its first
     micro-batch (``step_counts``; the loss divides by them, so the Trainer does not rescale it), keeps a
     ``MetricWindow`` (``metrics``) logged with the Trainer's training and evaluation logs, leaves evaluation time
-    out of tokens/s, runs loss-only prediction steps and writes atomic checkpoints.
+    out of tokens/s, runs loss-only prediction steps, writes atomic checkpoints and saves and stops on SIGTERM
+    (``AtomicCheckpointMixin``).
 
     A subclass declares what is its own:
 

@@ -1,8 +1,10 @@
-"""Faults: kill -9 then --resume_from_checkpoint gives the uninterrupted loss trace; same seed, same
-bits."""
+"""Faults: kill -9 mid-save or SIGTERM, then --resume-from-checkpoint, gives the uninterrupted loss trace; a full
+disk stops the run with the previous checkpoint intact; same seed, same bits; NaN losses."""
 
 import json
 import math
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,33 +43,107 @@ def run(cmd):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_same_seed_same_bits(tiny, tmp_path):
-    run(command(tiny, tmp_path / "a", "--save-strategy", "no"))
-    run(command(tiny, tmp_path / "b", "--save-strategy", "no"))
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert len(a) == STEPS and a == b          # bit-identical floats, not approximately equal
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """The loss trace of the uninterrupted run."""
+    out = tmp_path_factory.mktemp("straight")
+    run(command(tiny, out, "--save-strategy", "no"))
+    return losses(out)
 
 
-def test_kill_9_then_resume_matches_uninterrupted(tiny, tmp_path):
-    run(command(tiny, tmp_path / "straight", "--save-strategy", "no"))
-    want = losses(tmp_path / "straight")
+def test_same_seed_same_bits(tiny, straight, tmp_path):
+    run(command(tiny, tmp_path / "again", "--save-strategy", "no"))
+    again = losses(tmp_path / "again")
+    assert len(again) == STEPS and again == straight          # bit-identical floats, not approximately equal
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(command(tiny, out, "--save-strategy", "steps", "--save-steps", "3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=CWD)
+
+# `fastdpo train` whose save of checkpoint-6 stops after its optimizer state (the files before it written, those
+# after it not), touching the file named by $STALLED, until it is killed
+STALL_IN_SAVE = """
+import os, sys, time, torch
+from fastdpo.cli import main
+write = torch.save
+def stalled(obj, f, *args, **kwargs):
+    write(obj, f, *args, **kwargs)
+    if str(f).endswith(os.path.join("checkpoint-6", "optimizer.pt")):
+        open(os.environ["STALLED"], "w").close()
+        time.sleep(600)
+torch.save = stalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_mid_save_then_resume_matches_uninterrupted(tiny, straight, tmp_path):
+    out, stalled = tmp_path / "killed", tmp_path / "stalled"
+    cmd = command(tiny, out, "--save-strategy", "steps", "--save-steps", "3")
+    proc = subprocess.Popen([sys.executable, "-c", STALL_IN_SAVE, *cmd[3:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=CWD, env={**os.environ, "STALLED": str(stalled)})
     deadline = time.time() + 300
-    while not list(out.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+    while not stalled.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert checkpoints, "killed before any checkpoint was written"
-    assert all((c / "trainer_state.json").is_file() and (c / "rng_state.pth").is_file() for c in checkpoints)
+    assert stalled.exists(), "the run ended before saving checkpoint-6"
+    assert (out / ".staging" / "checkpoint-6" / "optimizer.pt").is_file()        # killed mid-save
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     run(command(tiny, out, "--save-strategy", "steps", "--save-steps", "3", "--resume-from-checkpoint", "true"))
-    got = losses(out)
-    resumed_from = int(checkpoints[-1].name.split("-")[1])
-    assert resumed_from < STEPS
-    assert got == pytest.approx(want, rel=1e-6)
+    assert losses(out) == pytest.approx(straight, rel=1e-6)
+
+
+def test_sigterm_finishes_the_step_saves_exits_0_then_resume_matches_uninterrupted(tiny, straight, tmp_path):
+    out = tmp_path / "terminated"
+    cmd = command(tiny, out, "--save-strategy", "no")     # SIGTERM saves whatever the save strategy
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=CWD,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:                          # the first step's log: training is under way
+            if "'loss'" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.stdout.read()
+        returncode = proc.wait(timeout=300)
+    log = (tmp_path / "stderr").read_text()
+    assert returncode == 0, log[-3000:]
+    [checkpoint] = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 1 <= step < STEPS
+    assert f"SIGTERM: stopped after step {step} of {STEPS} and saved {checkpoint}" in log, log[-3000:]
+    assert "rerun the same command with --resume-from-checkpoint true" in log
+    run(command(tiny, out, "--save-strategy", "no", "--resume-from-checkpoint", "true"))
+    assert losses(out) == pytest.approx(straight, rel=1e-6)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_disk_full_during_save_stops_with_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    """The optimizer state of checkpoint-4 goes to /dev/full, where the kernel fails every write with ENOSPC,
+    as a full disk does: the writer (torch's) runs unpatched."""
+    import torch
+
+    from _shared import config, lora, pairs, tiny_llama
+    from fastdpo import DPOTrainer
+
+    write = torch.save
+
+    def onto_a_full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join("checkpoint-4", "optimizer.pt")):
+            os.symlink("/dev/full", f)
+        return write(obj, f, *args, **kwargs)
+
+    def trainer():
+        args = config(tmp_path, save_strategy="steps", save_steps=2, max_steps=6, max_tokens_per_batch=60)
+        return DPOTrainer(lora(tiny_llama(seed=3)), args=args, train_dataset=pairs(12, seed=3))
+
+    monkeypatch.setattr(torch, "save", onto_a_full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"(?s)could not write checkpoint-4 in {re.escape(str(out))} .*the previous "
+                                      rf"checkpoint, {re.escape(str(out / 'checkpoint-2'))}, is intact.*"
+                                      "--resume-from-checkpoint true"):
+        trainer().train()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]     # the half-written one removed
+    monkeypatch.setattr(torch, "save", write)                            # space again
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert resumed.state.global_step == 6
 
 
 def poisoned_pairs(n=6, bad=(3,)):
