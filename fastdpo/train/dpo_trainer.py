@@ -137,7 +137,8 @@ def _image_processor(model, processing_class, *datasets_):
     image_processor = getattr(processing_class, "image_processor", None)
     if vision_family(lm.config) is None or image_processor is None:
         split, row = with_images[0]
-        what = f"{type(lm).__name__} is a text model" if image_processor else "the processing class is no processor"
+        what = (f"{type(lm).__name__} is a text model" if vision_family(lm.config) is None
+                else f"the processing class ({type(processing_class).__name__}) has no image processor")
         raise ValueError(f"{split} row {row} holds images, but {what}: train a vision-language model (LLaVA, Qwen2-VL, "
                          "Qwen2.5-VL) with its processor as processing_class, or drop the images column")
     return image_processor

@@ -19,6 +19,7 @@ from fastdpo.data import VisionPairGrouping, pack, tokenize_vision_pairs
 from fastdpo.models import vision as vision_models
 from fastdpo.train import DPOConfig, DPOTrainer
 from fastdpo.train.forward import pair_logps
+from fastdpo.train.reference import reference_logps
 
 trl = pytest.importorskip("trl")
 
@@ -176,3 +177,73 @@ def test_one_dimensional_positions_fail_for_qwen2_vl(qwen_pairs, monkeypatch):
     model, batch, want = qwen_pairs
     monkeypatch.setattr(vision_models, "mrope_positions", lambda lm, b: b.position_ids[None].expand(3, -1, -1))
     assert error(model, batch, want) > 1e-3
+
+
+# ---------------------------------------------------------------- every reference mode
+def random_lora(model, adapter: str, seed: int) -> None:
+    """Seeded random weights for ``adapter``'s LoRA matrices (B starts at zero: the adapter would be a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted((n, p) for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def qwen_policy(processor, seed: int = 3, model_seed: int = 0):
+    from peft import get_peft_model
+
+    policy = get_peft_model(_vision.tiny_model("qwen2_vl", processor, seed=model_seed), lora_config(family="qwen2_vl"))
+    random_lora(policy, "default", seed)
+    return policy
+
+
+@pytest.mark.parametrize("mode", ["adapters disabled", "reference adapter", "separate model", "precomputed"])
+def test_every_reference_mode_gives_the_references_logps(mode, tmp_path):
+    """Each reference's log-probs of the trainer's packed vision batch are those of that reference model alone."""
+    processor = _vision.processor("qwen2_vl")
+    rows = _vision.vision_rows(3, 2)
+    policy, ref_model, options = qwen_policy(processor), None, {}
+    want_model = _vision.tiny_model("qwen2_vl", processor)       # the policy's base
+    if mode == "reference adapter":
+        policy.add_adapter("reference", lora_config(family="qwen2_vl"))
+        random_lora(policy, "reference", 4)
+        want_model = qwen_policy(processor, seed=4)
+        options = dict(model_adapter_name="default", ref_adapter_name="reference")
+    elif mode == "separate model":
+        ref_model = want_model = _vision.tiny_model("qwen2_vl", processor, seed=1)
+        options = dict(force_use_ref_model=True)      # TRL's opt-in to a separate model beside a PEFT policy
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None, disable_tqdm=True,
+                     precompute_ref_log_probs=mode == "precomputed", **options)
+    trainer = DPOTrainer(policy, ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=processor)
+    batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+    assert batch.images is not None and (mode == "precomputed") == ("ref_chosen_logps" in batch.row_values)
+    trainer.model.eval()
+    with torch.no_grad():
+        want, own = pair_logps(want_model.eval(), batch), pair_logps(trainer.model, batch)
+    got = reference_logps(trainer.reference, trainer.model, batch)
+    assert rel_err(got[0], want.chosen) <= TOL and rel_err(got[1], want.rejected) <= TOL
+    assert rel_err(got[0], own.chosen) > 1e-3      # the reference, not the policy
+
+
+def test_the_precomputed_reference_is_keyed_by_the_images_content(tmp_path, fastdpo_cache):
+    """Rows naming image files by path: a dataset's fingerprint holds the paths only, so an image rewritten in place
+    must still compute new reference log-probs, not load the old ones."""
+    processor = _vision.processor("qwen2_vl")
+    rows = _vision.vision_rows(2, 1)
+    for i, row in enumerate(rows):
+        row["images"][0].save(tmp_path / f"{i}.png")
+        row["images"] = [str(tmp_path / f"{i}.png")]
+
+    def precomputed():
+        args = DPOConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_length=None,
+                         disable_tqdm=True, precompute_ref_log_probs=True)
+        data = datasets.Dataset.from_list(rows)
+        trainer = DPOTrainer(qwen_policy(processor), args=args, train_dataset=data, processing_class=processor)
+        return data._fingerprint, trainer.train_dataset["ref_chosen_logps"]
+
+    fingerprint, first = precomputed()
+    assert precomputed() == (fingerprint, first) and len(list((fastdpo_cache / "ref_logps").iterdir())) == 1
+    _vision.images(1, seed=9)[0].save(tmp_path / "0.png")
+    again, second = precomputed()
+    assert again == fingerprint and second[0] != first[0]
+    assert len(list((fastdpo_cache / "ref_logps").iterdir())) == 2
