@@ -5,7 +5,8 @@ tower once, its prompt through the decoder once) and in the unshared one.
 
 The comparison can fail: a stream whose rejected tokens also see the chosen completion, one whose rejected branch
 lost its images, and Qwen2-VL positions that are 1-D instead of multimodal all move the log-probs past the
-tolerance."""
+tolerance. Every reference mode gives that reference's log-probs of a packed vision batch, and the precomputed ones
+are cached under a key that holds the images' pixels."""
 
 from dataclasses import replace
 
