@@ -1,4 +1,5 @@
-"""Layer 3, data: load rows (local files, Hub names), find the prompts of preference rows, tokenise them and pack them
+"""Layer 3, data: load rows (local files, Hub names), find the prompts of preference rows, tokenise them (pairs, SFT
+sequences, unpaired KTO rows with their KL completions) and pack them
 into padding-free micro-batches (``pack``: a ``Grouping`` per kind of row, segments in a ``PackedBatch``). Imports torch
 and datasets only: no other fastdpo layer, never transformers."""
 
@@ -16,7 +17,8 @@ from .packing import (
     pair_length,
 )
 from .tokenization import tokenize_pairs, tokenize_prompts
+from .unpaired import GroupBatchSampler, UnpairedGrouping, tokenize_unpaired, unpair_preference_rows
 
-__all__ = ["Grouping", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout", "TokenBudgetBatchSampler",
-           "extract_prompt", "load_rows", "pack", "pack_pairs", "pair_length", "tokenize_pairs",
-           "tokenize_prompts"]
+__all__ = ["GroupBatchSampler", "Grouping", "PackedBatch", "PairGrouping", "Segment", "SegmentLayout",
+           "TokenBudgetBatchSampler", "UnpairedGrouping", "extract_prompt", "load_rows", "pack", "pack_pairs",
+           "pair_length", "tokenize_pairs", "tokenize_prompts", "tokenize_unpaired", "unpair_preference_rows"]

@@ -35,7 +35,7 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     - ``batch_sampler``, where micro-batches are not whole rows under ``max_tokens_per_batch`` tokens;
     - ``Counts`` and ``count``: what one micro-batch adds to its step's totals, the first field being the items
       the step's loss is divided by (``num_items_in_batch``);
-    - ``compute_loss``, and optionally ``extra_logs``.
+    - ``compute_loss``, and optionally ``extra_logs`` (values logged beside a window's means, e.g. derived from them).
 
     Raises:
         ValueError: a dataset of raw rows without a tokenizer, and the subclass's tokenisation errors.
@@ -144,7 +144,9 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
                         metric_key_prefix="eval"):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         # the window's means replace the Trainer's eval loss (a mean of micro-batch means)
-        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.metrics.pop("eval").items()})
+        means = self.metrics.pop("eval")
+        means.update(self.extra_logs("eval", means))
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in means.items()})
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -154,13 +156,14 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         return loss.detach(), None, None
 
     # --------------------------------------------------------------- logging
-    def extra_logs(self) -> dict[str, float]:
-        """Values a subclass logs beside the training window's means."""
+    def extra_logs(self, mode: str, means: dict[str, float]) -> dict[str, float]:
+        """Values a subclass logs beside a window's ``means`` (``mode``: train or eval), e.g. derived from them."""
         return {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.control.should_log:   # the training step's log: the Trainer clears should_log once it is written
             # the Trainer's training loss is the optimised one
-            logs.update(self.metrics.pop("train", skip=("loss",)))
-            logs.update(self.extra_logs())
+            means = self.metrics.pop("train", skip=("loss",))
+            logs.update(means)
+            logs.update(self.extra_logs("train", means))
         super().log(logs, start_time)

@@ -79,8 +79,10 @@ class PreferenceTrainer(PackedTrainer):
         model_adapter = _set_up_adapters(model, args)
         self.loss_spec = args.loss_spec()
         self.aux_loss_enabled, self.router_aux_loss_coef = _router_aux_loss(model, args)
-        self.reference = resolve_reference(model, ref_model, args, self.loss_spec.needs_reference,
-                                           self.accelerator.unwrap_model, model_adapter)
+        self.reference = resolve_reference(
+            model, ref_model, self.accelerator.unwrap_model, ld_alpha=args.ld_alpha,
+            ref_adapter_name=args.ref_adapter_name, model_adapter_name=model_adapter,
+        ) if self.loss_spec.needs_reference else None
         if isinstance(self.reference, ReferenceModel):
             if args.sync_ref_model:
                 check_sync_compatible(causal_lm(model), self.reference.model)
@@ -227,13 +229,14 @@ def _set_up_adapters(model, args: DPOConfig) -> str | None:
     return train
 
 
-def use_prefix_sharing(model, args: DPOConfig) -> bool:
-    """Whether to pack pairs with a shared prefix: ``args.prefix_sharing`` and an attention implementation that runs
-    it (``fastdpo.models.prefix_attention``); logs the layout and the attention either way."""
+def use_prefix_sharing(model, args, completions: tuple[str, ...] = ("chosen", "rejected")) -> bool:
+    """Whether to pack a prompt's ``completions`` with a shared prefix: ``args.prefix_sharing`` and an attention
+    implementation that runs it (``fastdpo.models.prefix_attention``); logs the layout and the attention either way."""
     config = causal_lm(model).config
     reason = unsupported_reason(config) if args.prefix_sharing else None
     shared = args.prefix_sharing and reason is None
-    layout = "shared prefix [prompt][chosen][rejected]" if shared else "unshared [prompt+chosen][prompt+rejected]"
+    layout = (f"shared prefix [prompt]{''.join(f'[{c}]' for c in completions)}" if shared
+              else f"unshared {''.join(f'[prompt+{c}]' for c in completions)}")
     why = f" ({reason}; prefix sharing is off)" if reason else ""
     logger.info("packing: %s layout, attention %s%s", layout, config._attn_implementation, why)
     return shared
