@@ -15,7 +15,7 @@ pass/fail lines, every table, and what was skipped and why).
     python benchmarks/run_suite.py          # everything; on a shared 2-core CPU kernels + scaling + packing
                                             # took 19 min, the DPO step adds 5 (more under load)
     python benchmarks/run_suite.py --parts kernels --models Llama-3-8B --n 8192 --dtypes bfloat16   # GPU subset
-    python benchmarks/run_suite.py --render benchmarks/results/cpu-suite.json   # redo .md + plots from the JSON
+    python benchmarks/run_suite.py --render RESULTS/cpu-suite.json     # redo .md + plots from a run's JSON
 """
 
 from __future__ import annotations

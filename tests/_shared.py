@@ -130,3 +130,24 @@ def write_hh_pairs(path):
         for question, good, bad in DIALOGUES:
             f.write(json.dumps({"chosen": f"{H}{question}{A}{good}", "rejected": f"{H}{question}{A}{bad}"}) + "\n")
     return path
+
+
+def fsdp2_step(trainer, lr: float) -> dict:
+    """One SGD step of a packed trainer on each process of a torchrun launch, its policy sharded as
+    examples/accelerate/fsdp2.yaml shards it (each decoder layer an FSDP2 unit, the embeddings, final norm and tied
+    head the root's: accelerate shards with FSDP on accelerators only), with the trainer's own step counting and
+    ``training_step``. Returns the whole trainable parameters after the step, by name."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    from fastdpo.models import causal_lm
+
+    model = trainer.model
+    for layer in causal_lm(model).model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batches, items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, trainer.args.device)
+    trainer.training_step(model, batches[0], items)
+    optimizer.step()
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters() if p.requires_grad}

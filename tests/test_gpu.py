@@ -119,6 +119,20 @@ def test_get_batch_logps_on_gpu_bf16():
     assert rel_err(out, ref) <= 1e-5
 
 
+def test_reference_fingerprint_on_the_gpu_equals_the_cpu_one_without_a_copy():
+    """The reference cache's weight digest runs where the weights are, in integers mod 2^64 (so the CPU's result
+    exactly): on the GPU its peak memory grows by a few 16 MiB chunks, not by the 128 MiB of weights."""
+    from fastdpo.train.reference_cache import weights_fingerprint
+
+    model = torch.nn.Linear(8192, 8192, bias=False, dtype=torch.bfloat16)
+    on_cpu = weights_fingerprint(model, exclude_adapters=True)
+    model.cuda()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    assert weights_fingerprint(model, exclude_adapters=True) == on_cpu
+    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20
+
+
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate not installed")
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets (fastdpo train's loader) not installed")
 def test_fsdp2_launch_equals_plain_run(tmp_path):

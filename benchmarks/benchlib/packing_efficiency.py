@@ -12,6 +12,11 @@ loader packs whole pairs into a token budget. For every micro-batch:
 Packing efficiency = real / processed over the sample. For fastdpo, budget fill = processed tokens /
 (micro-batches × ``max_tokens_per_batch``): how full the packed micro-batches are, which sets how
 many micro-batches (optimiser work per step) a sample takes, not wasted compute.
+
+``sharing`` counts what prefix sharing saves on top: the tokens of the first pairs of a sample, untruncated, with
+the prompt twice (``[prompt + chosen][prompt + rejected]``) and once (``[prompt][chosen][rejected]``).
+
+    python -m benchlib.packing_efficiency --sharing --out results/cpu-prefix-sharing-tokens   (from benchmarks/)
 """
 
 from __future__ import annotations
@@ -82,6 +87,32 @@ def run(datasets_by_name: dict[str, str], model_path: str, max_length: int = 102
     return rows
 
 
+def sharing(datasets_by_name: dict[str, str], model_path: str, pairs: int = 500) -> list[dict]:
+    """Per sample: tokens of its first ``pairs`` pairs (fastdpo's tokenisation, untruncated), prompt twice and once."""
+    import datasets
+
+    from fastdpo.data import pair_length, tokenize_pairs
+    from fastdpo.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model_path))
+    rows = []
+    for name, path in datasets_by_name.items():
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+        tokenized, _ = tokenize_pairs(data.select(range(min(pairs, len(data)))), tokenizer, max_length=None,
+                                      max_prompt_length=None)
+        twice, once = (sum(pair_length(row, shared) for row in tokenized) for shared in (False, True))
+        rows.append({"dataset": name, "pairs": len(tokenized), "prompt_twice": twice, "prompt_once": once,
+                     "fewer": twice / once})
+    return rows
+
+
+def sharing_table(rows: list[dict]) -> str:
+    lines = ["| dataset | pairs | tokens, prompt twice | tokens, prompt once | × fewer |", "|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['pairs']} | {r['prompt_twice']:,} | {r['prompt_once']:,} | {r['fewer']:.2f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| dataset | trainer | micro-batch | pairs | micro-batches | real tokens | processed tokens "
              "| packing efficiency | budget fill |",
@@ -93,3 +124,29 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['dataset']} | {r['trainer']} | {setting} | {r['pairs']} | {r['micro_batches']} | "
                      f"{r['real_tokens']} | {r['processed_tokens']} | {r['efficiency']:.3f} | {fill} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    from pathlib import Path
+
+    from .env import header, metadata
+    from .paths import DEFAULT_MODEL, HH_DATA, ULTRAFEEDBACK_DATA
+    from .report import write
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sharing", action="store_true", help="only the prefix-sharing token counts")
+    parser.add_argument("--out", help="path prefix for the .json and .md results")
+    args = parser.parse_args()
+    samples = {"HH harmless": HH_DATA, "UltraFeedback": ULTRAFEEDBACK_DATA}
+    meta = metadata("cpu")
+    if args.sharing:
+        rows = sharing(samples, str(DEFAULT_MODEL))
+        md = f"{header(meta)}\n\nSmolLM2-135M-Instruct's tokenizer, the first 500 pairs of each sample, untruncated.\n\n"
+        md += sharing_table(rows)
+    else:
+        rows = run(samples, str(DEFAULT_MODEL))
+        md = f"{header(meta)}\n\n{table(rows)}"
+    print(md)
+    if args.out:
+        write(Path(args.out), {"meta": meta, "rows": rows}, md)

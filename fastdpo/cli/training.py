@@ -89,11 +89,19 @@ def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...], eval_pa
                estimated_peak_mib: float | None = None) -> dict:
     """Train ``trainer`` to the end (resuming as ``--resume-from-checkpoint`` asks), save the model or adapter with
     the tokenizer and ``trainer_state.json`` (the metric history, also without checkpoints), draw the curves, and
-    print and return the summary (wall time, peak RSS, the estimate, dropped rows, the curves' path)."""
+    print and return the summary (wall time, peak RSS, the estimate, dropped rows, the curves' path).
+
+    Raises:
+        ValueError: no optimiser step of the run trained on anything (``PackedTrainer.tally``), with the reason.
+    """
     drops = trainer.drop_reports
     for split, report in drops.items():
         print(f"[fastdpo] {split}: {report}", flush=True)
     trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
+    tally = trainer.tally
+    if tally.steps and not tally.trained:
+        raise ValueError(f"none of this run's {tally.steps} optimiser step(s) trained on anything, so the model was "
+                         f"not saved; in the last one, {tally.untrained_reason}")
     trainer.save_model()
     trainer.save_state()
     summary = {

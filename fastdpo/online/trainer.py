@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers import GenerationConfig
 
 from ..data import PackedBatch, pack, tokenize_prompts
 from ..losses import LossSpec
 from ..train import PreferenceTrainer
 from ..train.metrics import Mean, metric
-from ..train.trainer import PreferenceMetrics, zero_loss
+from ..train.trainer import PreferenceMetrics
 from .config import OnlineDPOConfig
 from .judges import LLMJudge, PairwiseJudge, RewardModelScorer, rank_by_scores
 
@@ -54,6 +56,16 @@ class SampledPairs(PackedBatch):
     contain_eos: torch.Tensor | None = None
     unparseable: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+
+
+class SampledCounts(NamedTuple):
+    """What an online DPO step counts over all processes: ``StepPairs``' pairs and NLL tokens, its prompts, and those
+    the judge gave no verdict for."""
+
+    pairs: torch.Tensor
+    nll_tokens: torch.Tensor
+    prompts: torch.Tensor
+    unparseable: torch.Tensor
 
 
 class OnlineDPOTrainer(PreferenceTrainer):
@@ -103,6 +115,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
     """
 
     tokenized_columns = ("prompt_input_ids",)
+    Counts = SampledCounts
 
     def __init__(self, model, ref_model=None, args: OnlineDPOConfig | None = None, train_dataset=None,
                  processing_class=None, reward_model=None, reward_processing_class=None,
@@ -162,6 +175,10 @@ class OnlineDPOTrainer(PreferenceTrainer):
             self._epoch_specs[beta] = replace(self.loss_spec, beta=beta)
         return self._epoch_specs[beta]
 
+    def count(self, batch: SampledPairs) -> SampledCounts:
+        unparseable, prompts = batch.unparseable.tolist()
+        return SampledCounts(*super().count(batch), int(prompts), int(unparseable))
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Sample, rank and pack each prompt micro-batch of the step, then count pairs as ``PreferenceTrainer``."""
         batches = [self.generate_pairs(prompts) for prompts in itertools.islice(epoch_iterator, num_batches)]
@@ -220,12 +237,15 @@ class OnlineDPOTrainer(PreferenceTrainer):
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
         device = next(policy.parameters()).device
         was_training = policy.training
+        # FSDP all-gathers in every forward, so its processes sample in step until the last one is done
+        # (transformers turns this on only for models it shards itself)
+        synced = isinstance(policy, (FSDPModule, FullyShardedDataParallel)) and self.args.world_size > 1
         # eval mode: no dropout while sampling, and gradient checkpointing (train mode only) would turn the cache off
         policy.eval()
         try:
             out = policy.generate(input_ids=input_ids.repeat(2, 1).to(device),
                                   attention_mask=attention_mask.repeat(2, 1).to(device),
-                                  generation_config=self.generation_config)
+                                  generation_config=self.generation_config, synced_gpus=synced)
         finally:
             policy.train(was_training)
         completions, contain_eos = [], []
@@ -237,31 +257,17 @@ class OnlineDPOTrainer(PreferenceTrainer):
         return completions, torch.tensor(contain_eos)
 
     # ------------------------------------------------------------------ loss
-    def compute_loss(self, model, inputs: SampledPairs, return_outputs=False, num_items_in_batch=None):
-        """``PreferenceTrainer.compute_loss``; a micro-batch without ranked pairs contributes a zero loss (reaching
-        every trainable parameter, so that DDP still gets each gradient) and its generation metrics."""
-        if inputs.num_rows > 0:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        empty = inputs.contain_eos.new_zeros(0)
-        self.metrics.add("train", inputs, self._online_metrics(inputs, PreferenceMetrics(), kl=empty, entropy=empty))
-        loss = zero_loss(model)
-        return (loss, {}) if return_outputs else loss
-
     def loss_metrics(self, batch: SampledPairs, policy, ref, *args, **kwargs) -> OnlineMetrics:
+        """The DPO metrics and TRL's online ones (see the class docstring) of the ranked pairs in the loss: all of
+        the micro-batch's, or none where it was left out of the loss."""
         chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
         # per pair: means over pairs are means over completions
-        return self._online_metrics(batch, super().loss_metrics(batch, policy, ref, *args, **kwargs),
-                                    kl=(chosen - ref[0] + rejected - ref[1]) / 2, entropy=-(chosen + rejected) / 2)
-
-    def _online_metrics(self, batch: SampledPairs, pairs: PreferenceMetrics, *, kl: torch.Tensor,
-                        entropy: torch.Tensor) -> OnlineMetrics:
-        """The loss metrics of ``pairs`` and TRL's online metrics (see the class docstring); ``kl`` and ``entropy``
-        [B] per ranked pair."""
-        beta, scores = self.beta, batch.scores
-        scored = self.scorer is not None
+        kl, entropy = (chosen - ref[0] + rejected - ref[1]) / 2, -(chosen + rejected) / 2
+        beta, scored = self.beta, self.scorer is not None
+        scores = batch.scores[:len(kl)] if scored else None
         return OnlineMetrics(
-            **vars(pairs), objective_kl=Mean.of(kl), objective_entropy=Mean.of(entropy),
-            objective_non_score_reward=Mean.of(-beta * kl),
+            **vars(super().loss_metrics(batch, policy, ref, *args, **kwargs)), objective_kl=Mean.of(kl),
+            objective_entropy=Mean.of(entropy), objective_non_score_reward=Mean.of(-beta * kl),
             objective_scores=Mean.of(scores.mean(1)) if scored else None,
             objective_scores_margin=Mean.of(scores[:, 0] - scores[:, 1]) if scored else None,
             objective_rlhf_reward=Mean.of(scores.mean(1) - beta * kl) if scored else None,
@@ -269,6 +275,14 @@ class OnlineDPOTrainer(PreferenceTrainer):
             judge_unparseable=Mean(*batch.unparseable) if self.judge is not None else None,
             beta=Mean(batch.contain_eos.new_tensor(beta), batch.contain_eos.new_tensor(1.0)),
         )
+
+    def nothing_trained(self) -> str:
+        if self.step_counts.pairs or not self.step_counts.unparseable:
+            return super().nothing_trained()
+        return (f"the judge gave no verdict for any of the {int(self.step_counts.prompts)} prompt(s) "
+                "(judge/unparseable), so no pair was ranked.\nWhat to do: judge with an instruct model that answers "
+                "TRL's pairwise prompt with 0 or 1 (small or base models rarely do), give it more "
+                "--judge-max-new-tokens, or rank with --reward-model")
 
 
 def _collate_prompts(rows: list[dict]) -> dict:

@@ -1,6 +1,6 @@
 """Vocabulary-chunked linear log-probs: the LM head's logits one [tokens × vocabulary] chunk at a time.
 
-Per chunk of ``v_chunk`` vocabulary rows (and ``n_tile`` tokens where N is too large for one tile), the raw
+Per chunk of ``v_chunk`` vocabulary rows (and ``n_tile`` tokens where N is too large for one tile: ``chunk_plan``), the raw
 logits ``z = h·W_cᵀ`` are one GEMM written in fp32 into a reused scratch tile; a row step turns the tile into the
 running logsumexp (forward) or, in place, into ``dz`` in the GEMM operand dtype (backward); then ``dH += dz·W_c``
 into an fp32 running sum and ``dW_c = dzᵀ·h`` are two more GEMMs. 8·N·H·V FLOP with the forward (one recompute),
@@ -12,7 +12,7 @@ softmax put d hidden 2e-2 from float64, over the bf16 bound, hence fp32 logit ti
 misses it too (1.1e-2 in ``shared/DESIGN.md``'s emulation), hence the fp32 one.
 
 Where the GEMMs run: on CUDA with the inputs' dtype as operands (tensor cores; fp32 outputs through ``out_dtype``);
-elsewhere in fp32 (these CPUs have no 16-bit units). The row steps are PyTorch ops (``TORCH_STEPS``) or Triton
+elsewhere in fp32 (these CPUs have no 16-bit units). The row steps are PyTorch ops (``torch_backend.STEPS``) or Triton
 kernels (``fastdpo.kernels.logit_chunks``), the only difference between the ``torch`` and ``chunked`` backends.
 """
 
@@ -151,7 +151,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad, transform: LogitTra
     db = torch.zeros(v, device=dev, dtype=torch.float32) if need_db else None
     # d weight goes straight into its rows when one GEMM per chunk produces them in the operand dtype; otherwise
     # into an fp32 chunk (the gradient itself when fp32) that sums the token tiles.
-    direct_dw = need_dw and len(range(0, n, plan.n_tile)) == 1 and dw.dtype == op
+    direct_dw = need_dw and plan.n_tile == n and dw.dtype == op
     dw_acc = None
     if need_dw and not direct_dw and dw.dtype != torch.float32:
         dw_acc = torch.empty(plan.v_chunk, d, device=dev, dtype=torch.float32)

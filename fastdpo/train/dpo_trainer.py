@@ -3,8 +3,6 @@ under a token budget, the reference live or precomputed once and cached."""
 
 from __future__ import annotations
 
-import logging
-
 import datasets
 import torch
 from datasets.fingerprint import Hasher
@@ -14,10 +12,8 @@ from ..data import tokenize_pairs
 from ..data.packing import REF_COLUMNS
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
-from .reference_cache import cache_path, load_ref_logps, model_fingerprint, save_ref_logps
+from .reference_cache import ReferenceKey, cached_ref_logps
 from .trainer import PreferenceTrainer
-
-logger = logging.getLogger(__name__)
 
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
@@ -67,25 +63,20 @@ class DPOTrainer(PreferenceTrainer):
 
     # ------------------------------------------------------- precomputed reference
     def _with_reference(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
-        """The dataset with reference log-prob columns, computed once per (data, reference weights, ld_alpha)
-        and cached on disk (``fastdpo.train.reference_cache``): each machine's main process computes or loads
-        them first, the other processes then load its file."""
+        """The dataset with reference log-prob columns, computed once per ``ReferenceKey`` (data, reference weights
+        and config, layout, packing, precision) and cached on disk (``fastdpo.train.reference_cache``): each
+        machine's main process computes or loads them first, the other processes then load its file."""
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         # A reference adapter is part of the reference; disabled adapters are not.
         adapter = isinstance(self.reference, AdapterReference) and self.reference.ref_adapter_name is not None
-        weights = model_fingerprint(ref, exclude_adapters=not adapter)
-        fingerprint = Hasher.hash((dataset._fingerprint, weights, "ref-v2", self.args.ld_alpha))
-        path = cache_path(fingerprint)
+        key = ReferenceKey.of(ref, self.args, data=dataset._fingerprint, prefix_sharing=self.prefix_sharing,
+                              adapter=adapter)
         with self.accelerator.local_main_process_first():
-            cached = load_ref_logps(path, fingerprint, len(dataset))
-            if cached is None:
-                logger.info("reference log-probs (%s): computing %d pairs into %s", split, len(dataset), path)
-                cached = self._compute_reference(dataset, split)
-                save_ref_logps(path, fingerprint, *cached)
-            else:
-                logger.info("reference log-probs (%s): loaded from %s", split, path)
+            cached = cached_ref_logps(key, len(dataset), lambda: self._compute_reference(dataset, split),
+                                      f"reference log-probs ({split})")
         for column, values in zip(REF_COLUMNS, cached):
-            dataset = dataset.add_column(column, values.tolist(), new_fingerprint=Hasher.hash((fingerprint, column)))
+            dataset = dataset.add_column(column, values.tolist(),
+                                         new_fingerprint=Hasher.hash((key.fingerprint, column)))
         return dataset
 
     def _compute_reference(self, dataset: datasets.Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -201,6 +201,12 @@ class PairLogps:
     wpo_weights: torch.Tensor | None  # WPO's w_c · w_r, no grad
     aux_loss: torch.Tensor | None = None  # scalar MoE router load-balancing loss of the forward (None: dense)
 
+    def rows(self, index: slice) -> PairLogps:
+        """The pairs ``index`` selects (``aux_loss``, of the whole forward, kept)."""
+        return PairLogps(*(None if t is None else t[index] for t in (
+            self.chosen, self.rejected, self.chosen_lengths, self.rejected_lengths, self.chosen_nll, self.nll_tokens,
+            self.wpo_weights)), aux_loss=self.aux_loss)
+
 
 def pair_logps(model: torch.nn.Module, batch: PackedBatch, *, ld_alpha: float | None = None, wpo: bool = False,
                prompt_nll: bool = False) -> PairLogps:

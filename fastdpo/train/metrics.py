@@ -1,7 +1,9 @@
-"""Metrics as named fields (``Metrics``), summed over a logging window and over processes, divided when logged."""
+"""Metrics as named fields (``Metrics``), summed over a logging window and over processes, divided when logged (a
+mean) or logged as summed (a total)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -32,16 +34,29 @@ def metric(name: str):
     return field(default=None, metadata={"name": name})
 
 
+def total():
+    """A ``Metrics`` field holding a count (a scalar tensor, e.g. ``skipped_pairs``), logged as its sum over the
+    window and the processes, and only where that sum is not 0."""
+    return field(default=None, metadata={"total": True})
+
+
 @dataclass
 class Metrics:
     """The metrics of one micro-batch. A trainer declares its own as a subclass whose fields are ``Mean | None``
-    (None: this micro-batch adds nothing to that metric); the window sums them in field order, so every process
-    reduces the same entries in the same order whichever metrics its micro-batch has."""
+    or ``total()`` counts. None: the metric does not apply to this run (its configuration has no such term); a
+    ``Mean`` of no values (a micro-batch whose items were left out) is logged as NaN when the whole window has
+    none, as TRL logs the mean of nothing. The window sums the fields in declaration order, so every process
+    reduces the same entries in the same order whichever values its micro-batch has."""
 
-    def items(self) -> Iterator[tuple[str, Mean | None]]:
+    def items(self) -> Iterator[tuple[str, Mean | torch.Tensor | None]]:
         """(logged name, value) per field, in declaration order."""
         for f in fields(self):
             yield f.metadata.get("name", f.name), getattr(self, f.name)
+
+    @classmethod
+    def totals(cls) -> set[str]:
+        """The logged names of the ``total()`` fields."""
+        return {f.metadata.get("name", f.name) for f in fields(cls) if f.metadata.get("total")}
 
 
 class MetricWindow:
@@ -55,6 +70,8 @@ class MetricWindow:
     def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.reduce = reduce
         self._sums = {mode: defaultdict(lambda: [0.0, 0.0]) for mode in MODES}
+        self._present = {mode: set() for mode in MODES}   # names with a value (a Mean, maybe of nothing)
+        self._totals: set[str] = set()
         self._tokens = {mode: [0.0, 0.0] for mode in MODES}
         self.restart_clock()
 
@@ -66,40 +83,51 @@ class MetricWindow:
         """Leave ``seconds`` (an evaluation inside training) out of the tokens/s time."""
         self._last_log_time += seconds
 
-    def add(self, mode: str, batch: PackedBatch, metrics: Metrics) -> None:
-        """Adds one micro-batch: one collective over every process, which must all pass the same ``Metrics`` class."""
+    def add(self, mode: str, batch: PackedBatch, metrics: Metrics) -> dict[str, float]:
+        """Adds one micro-batch: one collective over every process, which must all pass the same ``Metrics`` class.
+        Returns the micro-batch's ``total()`` counts summed over the processes (the same on every process)."""
         device = batch.input_ids.device
         zero = torch.zeros((), device=device)
         entries = list(metrics.items())
-        sums = torch.stack([x.float().to(device) for _, value in entries for x in (value or (zero, zero))]
+        totals = metrics.totals()
+        pairs = [(zero, zero) if value is None else (value, zero) if name in totals else value
+                 for name, value in entries]
+        sums = torch.stack([torch.as_tensor(x).float().to(device) for pair in pairs for x in pair]
                            + [torch.tensor(float(batch.input_ids.numel()), device=device),
                               torch.tensor(float(int(batch.cu_seqlens[-1])), device=device)])
         if self.reduce is not None:
             sums = self.reduce(sums)
         values = sums.tolist()
-        for i, (name, _) in enumerate(entries):
+        self._totals |= totals
+        for i, (name, value) in enumerate(entries):
             self._sums[mode][name][0] += values[2 * i]
             self._sums[mode][name][1] += values[2 * i + 1]
+            if value is not None:
+                self._present[mode].add(name)
         self._tokens[mode][0] += values[-2]
         self._tokens[mode][1] += values[-1]
+        return {name: values[2 * i] for i, (name, _) in enumerate(entries) if name in totals}
 
-    def add_total(self, mode: str, key: str, value: float) -> None:
-        """A metric logged as a total over the window (e.g. ``skipped_pairs``), not a mean."""
-        self._sums[mode][key][0] += value
-        self._sums[mode][key][1] = 1.0
-
-    def pop(self, mode: str, *, skip: tuple[str, ...] = ()) -> dict[str, float]:
-        """The window's means (metrics without values left out), then a new window."""
+    def pop(self, mode: str) -> dict[str, float]:
+        """The window's means (NaN for a metric whose values were all left out; metrics that do not apply left
+        out) and its non-zero totals, then a new window."""
         sums = self._sums[mode]
         if not sums:
             return {}
-        logs = {key: total / count for key, (total, count) in sums.items() if count and key not in skip}
+        logs = {}
+        for key, (total, count) in sums.items():
+            if key in self._totals:
+                if total:
+                    logs[key] = total
+            elif key in self._present[mode]:
+                logs[key] = total / count if count else math.nan
         processed, real = self._tokens[mode]
-        if mode == "train" and processed:   # a window of skipped micro-batches processed nothing
+        if mode == "train" and processed:
             now = time.perf_counter()
             logs["tokens_per_second"] = processed / (now - self._last_log_time)
             logs["packing_efficiency"] = real / processed
             self._last_log_time = now
         sums.clear()
+        self._present[mode].clear()
         self._tokens[mode] = [0.0, 0.0]
         return logs

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..data import Grouping, PackedBatch, TokenBudgetBatchSampler, pack
 from ..data.packing import IndexedRows
@@ -18,6 +21,26 @@ from .checkpoints import AtomicCheckpointMixin
 from .metrics import MetricWindow
 from .packed_config import PackedConfig
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepTally:
+    """The optimiser steps of this process's latest ``train`` call: how many ran, how many trained on at least one
+    item (pair, loss token), and why the last one that did not, did not (with what to do)."""
+
+    steps: int = 0
+    trained: int = 0
+    untrained_reason: str | None = None
+
+
+class _StepEnd(TrainerCallback):
+    def __init__(self, trainer: PackedTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.end_step()
+
 
 class PackedTrainer(AtomicCheckpointMixin, Trainer):
     """Training on packed micro-batches (``fastdpo.data.PackedBatch``). The base wraps ``model`` in ``peft_config``'s
@@ -25,7 +48,8 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     loaders of whole micro-batches, counts each optimiser step's items over all processes before its first
     micro-batch (``step_counts``; the loss divides by them, so the Trainer does not rescale it), keeps a
     ``MetricWindow`` (``metrics``) logged with the Trainer's training and evaluation logs, leaves evaluation time
-    out of tokens/s, runs loss-only prediction steps and writes atomic checkpoints.
+    out of tokens/s, runs loss-only prediction steps, writes atomic checkpoints and saves and stops on SIGTERM
+    (``AtomicCheckpointMixin``).
 
     A subclass declares what is its own:
 
@@ -35,7 +59,12 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     - ``batch_sampler``, where micro-batches are not whole rows under ``max_tokens_per_batch`` tokens;
     - ``Counts`` and ``count``: what one micro-batch adds to its step's totals, the first field being the items
       the step's loss is divided by (``num_items_in_batch``);
-    - ``compute_loss``, and optionally ``extra_logs`` (values logged beside a window's means, e.g. derived from them).
+    - ``compute_loss``, which adds the items it leaves out of the loss (over all processes) to ``step_left_out``;
+      optionally ``extra_logs`` (values logged beside a window's means, e.g. derived from them), and
+      ``nothing_trained`` (why a step trained on nothing, and what to do).
+
+    A step none of whose items reached the loss is logged as a warning saying why, and tallied (``tally``: a caller
+    that finds no trained step there stops with that reason).
 
     Raises:
         ValueError: a dataset of raw rows without a tokenizer, and the subclass's tokenisation errors.
@@ -60,6 +89,9 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         self.metrics = MetricWindow(
             (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None)
         self.step_counts: NamedTuple | None = None
+        self.step_left_out = 0.0
+        self.tally = StepTally()
+        self.add_callback(_StepEnd(self))
 
     # ------------------------------------------------------------------ data
     def tokenize(self, dataset, tokenizer, args: PackedConfig) -> tuple:
@@ -103,7 +135,9 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         return self.accelerator.prepare(loader)
 
     def get_train_dataloader(self) -> DataLoader:
-        self.metrics.restart_clock()   # tokens/s counts training time, not setup
+        # training starts: tokens/s counts training time, not setup, and the tally counts this run's steps
+        self.metrics.restart_clock()
+        self.tally = StepTally()
         return self._packed_loader(self.train_dataset, shuffle=True, batch_size=self.args.per_device_train_batch_size)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
@@ -130,7 +164,22 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         if self.args.world_size > 1:
             totals = self.accelerator.gather(totals)
         self.step_counts = self.Counts(*totals.sum(0))
+        self.step_left_out = 0.0
         return batches, self.step_counts[0]
+
+    def end_step(self) -> None:
+        """Tallies the optimiser step just taken; warns when none of its items reached the loss."""
+        self.tally.steps += 1
+        if float(self.step_counts[0]) > self.step_left_out:
+            self.tally.trained += 1
+            return
+        self.tally.untrained_reason = self.nothing_trained()
+        if self.is_world_process_zero():   # the counts are every process's: one warning
+            logger.warning("step %d trained on nothing: %s", self.state.global_step, self.tally.untrained_reason)
+
+    def nothing_trained(self) -> str:
+        """Why the current step's items all stayed out of its loss, and what to do."""
+        return f"none of the {int(self.step_counts[0])} {self.Counts._fields[0]} reached the loss"
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, *args, **kwargs):
@@ -162,8 +211,11 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.control.should_log:   # the training step's log: the Trainer clears should_log once it is written
-            # the Trainer's training loss is the optimised one
-            means = self.metrics.pop("train", skip=("loss",))
-            logs.update(means)
-            logs.update(self.extra_logs("train", means))
+            window = self.metrics.pop("train")
+            # The Trainer's training loss is the optimised one; but where no item reached the loss (the window's
+            # mean loss is NaN) it is the left-out micro-batches' zeros, which would read as a perfect fit.
+            if math.isnan(window.pop("loss", 0.0)):
+                logs["loss"] = math.nan
+            logs.update(window)
+            logs.update(self.extra_logs("train", window))
         super().log(logs, start_time)

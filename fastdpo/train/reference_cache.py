@@ -1,44 +1,139 @@
-"""Precomputed reference log-probs on disk: one safetensors file per fingerprint of (tokenised data,
-reference weights, options), checked on every load and rebuilt when it does not check out.
+"""Precomputed reference log-probs on disk: one safetensors file per ``ReferenceKey`` (the tokenised data, the
+reference's weights and config, the layout and packing, the precision), checked on every load and rebuilt when it
+does not check out.
 
-A file is trusted only when its recorded fingerprint is the one asked for, it holds one value per pair
-of the dataset, and the sha256 of its values matches the one recorded when it was written; anything
-else (a truncated or overwritten file, flipped bytes, a file of another run) is reported and recomputed.
-Files are written to a temporary name and renamed into place, so a killed writer leaves no half file.
+A file is trusted only when its recorded fingerprint is the one asked for, it holds one value per pair of the
+dataset, and the sha256 of its values matches the one recorded when it was written; anything else (a truncated or
+overwritten file, flipped bytes, a file of another run) is reported and recomputed. Files are written whole or not
+at all (``fastdpo.models.cache.write_atomically``: a temporary file, fsync, rename), and under a lock per key, so
+that of several runs asking for one key at once the first computes it and the others load its file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
-import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from ..models import cache_dir
+from ..models import cache_dir, causal_lm
+from ..models.cache import entry_lock, write_atomically
+from .config import DPOConfig
+from .reference import Logps
 
 logger = logging.getLogger(__name__)
 
 _NAMES = ("chosen", "rejected")
 
+DIGEST_CHUNK = 1 << 21   # words hashed per step: bounds each int64 temporary of the digest to 16 MiB
+_INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # by element size
+# splitmix64's constants, as the signed 64-bit integers torch multiplies by
+_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
-def model_fingerprint(model: torch.nn.Module, *, exclude_adapters: bool) -> str:
-    """sha256 over parameter names and bytes (LoRA weights left out for an adapter-disabled reference)."""
-    h = hashlib.sha256()
+
+def _digest_keys(device: torch.device) -> torch.Tensor:
+    """``DIGEST_CHUNK`` odd pseudo-random int64 keys (splitmix64's mixer over 1, 2, 3, ...) on ``device``."""
+    z = torch.arange(1, DIGEST_CHUNK + 1, dtype=torch.int64, device=device) * _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    return (z ^ (z >> 31)) | 1
+
+
+def tensor_digest(t: torch.Tensor, keys: torch.Tensor) -> int:
+    """A 64-bit digest of ``t``'s bits, computed on its device without copying it: Σ_j w_j·k_j mod 2^64 over each
+    chunk of ``DIGEST_CHUNK`` of its elements' bits read as integers w, with the odd ``keys`` k
+    (``_digest_keys``), then the chunks' sums digested the same way until one is left. Changing any one element
+    always changes it (the change times odd keys is not 0 mod 2^64); several changes cancel by a chance of about
+    2^-64. It guards against stale files, not against forgery."""
+    words = t.detach().reshape(-1).view(_INTEGERS[t.element_size()])
+    if words.numel() == 0:
+        return 0
+    sums = torch.stack([(chunk.long() * keys[:chunk.numel()]).sum() for chunk in words.split(DIGEST_CHUNK)])
+    return int(sums[0]) % (1 << 64) if sums.numel() == 1 else tensor_digest(sums, keys)
+
+
+def weights_fingerprint(model: torch.nn.Module, *, exclude_adapters: bool) -> str:
+    """sha256 over the name, dtype, shape and ``tensor_digest`` of each tensor of ``model``'s state dict (LoRA
+    weights left out for an adapter-disabled reference). Each digest is computed where the tensor lives, one
+    chunk at a time: a 7B model on a GPU is not copied to the CPU (14 GB, as a sha256 of its bytes would need)."""
+    h, keys = hashlib.sha256(), {}
     for name, t in sorted(model.state_dict().items()):
         if exclude_adapters and "lora_" in name:
             continue
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.device not in keys:
+            keys[t.device] = _digest_keys(t.device)
+        h.update(f"{name} {t.dtype} {tuple(t.shape)} {tensor_digest(t, keys[t.device]):016x}\n".encode())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What shapes a dataset's reference log-probs, so what their cache file is named and checked by
+    (``fingerprint``): a change to any field computes another file."""
+
+    data: str                   # the tokenised dataset's fingerprint: its rows, the tokenizer, the truncation
+    weights: str                # weights_fingerprint of the reference
+    config: str                 # JSON: the model's config and a reference adapter's (RoPE, norm eps, LoRA scaling)
+    attention: str              # the attention implementation
+    prefix_sharing: bool        # the layout: [prompt][chosen][rejected] or [prompt+chosen][prompt+rejected]
+    max_tokens_per_batch: int   # the packing: which pairs share a micro-batch, so the shapes the kernels see
+    precision: str              # autocast: bf16, fp16 or fp32
+    device: str                 # the device type computing them (its kernels round differently)
+    ld_alpha: float | None
+    version: int = 3            # of how the values are computed; raising it retires every older file
+
+    @classmethod
+    def of(cls, reference: torch.nn.Module, args: DPOConfig, *, data: str, prefix_sharing: bool,
+           adapter: bool) -> ReferenceKey:
+        """The key of ``reference``: a model, or a PEFT policy whose reference is one of its adapters (``adapter``)
+        or its disabled adapters."""
+        config = causal_lm(reference).config
+        configs = {"model": config.to_dict()}
+        if adapter:
+            configs["adapters"] = {name: c.to_dict() for name, c in reference.peft_config.items()}
+        return cls(data=data, weights=weights_fingerprint(reference, exclude_adapters=not adapter),
+                   config=json.dumps(configs, sort_keys=True, default=_jsonable), attention=config._attn_implementation,
+                   prefix_sharing=prefix_sharing, max_tokens_per_batch=args.max_tokens_per_batch,
+                   precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", device=args.device.type,
+                   ld_alpha=args.ld_alpha)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def _jsonable(value) -> list | str:
+    """Sets (peft's target modules) as sorted lists, anything else JSON lacks (dtypes, enums) as its str."""
+    return sorted(value) if isinstance(value, set | frozenset) else str(value)
 
 
 def cache_path(fingerprint: str) -> Path:
     """``<fastdpo cache>/ref_logps/<fingerprint>.safetensors`` (``$FASTDPO_CACHE``, else ``~/.cache/fastdpo``)."""
     return cache_dir() / "ref_logps" / f"{fingerprint}.safetensors"
+
+
+def cached_ref_logps(key: ReferenceKey, num_pairs: int, compute: Callable[[], Logps], what: str) -> Logps:
+    """The ([B] float32 chosen, [B] float32 rejected) reference log-probs of ``key``: loaded from its cache file,
+    or computed by ``compute`` and saved there. Under the key's lock, so a second run asking for the same key
+    waits for the first and loads its file; ``what`` names them in the log."""
+    fingerprint = key.fingerprint
+    path = cache_path(fingerprint)
+    with entry_lock(f"ref_logps-{fingerprint}"):
+        cached = load_ref_logps(path, fingerprint, num_pairs)
+        if cached is not None:
+            logger.info("%s: loaded from %s", what, path)
+            return cached
+        logger.info("%s: computing %d pairs into %s", what, num_pairs, path)
+        cached = compute()
+        save_ref_logps(path, fingerprint, *cached)
+        return cached
 
 
 def _checksum(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
@@ -49,17 +144,15 @@ def _checksum(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
 
 
 def save_ref_logps(path: Path, fingerprint: str, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-    """Write [B] float32 chosen/rejected reference log-probs (nats) with their fingerprint and checksum,
-    atomically (temporary file + rename)."""
+    """Write [B] float32 chosen/rejected reference log-probs (nats) with their fingerprint and checksum, whole or
+    not at all (``write_atomically``; concurrent writers of one path hold its lock, as ``cached_ref_logps`` does)."""
     chosen, rejected = chosen.detach().float().cpu().contiguous(), rejected.detach().float().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(dict(zip(_NAMES, (chosen, rejected))), tmp,
-              metadata={"fingerprint": fingerprint, "sha256": _checksum(chosen, rejected)})
-    os.replace(tmp, path)
+    write_atomically(path, save(dict(zip(_NAMES, (chosen, rejected))),
+                                metadata={"fingerprint": fingerprint, "sha256": _checksum(chosen, rejected)}))
 
 
-def load_ref_logps(path: Path, fingerprint: str, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def load_ref_logps(path: Path, fingerprint: str, num_pairs: int) -> Logps | None:
     """The cached ([B] float32 chosen, [B] float32 rejected) reference log-probs, or None when there is no
     file or it does not check out (a warning names the reason; the caller recomputes and overwrites it).
     Only safetensors is read: nothing in the file can execute."""

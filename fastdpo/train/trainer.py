@@ -8,25 +8,25 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from accelerate.utils import gather_object
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-from ..data import PackedBatch, PairGrouping
+from ..data import PackedBatch, PairGrouping, pack
 from ..losses import LossSpec, orpo_log_odds, preference_loss
 from ..models import causal_lm, is_peft
 from ..models.prefix_attention import unsupported_reason
 from .config import DPOConfig
 from .forward import PairLogps, chosen_nll_tokens, pair_logps
-from .metrics import Mean, Metrics, metric
+from .metrics import Mean, Metrics, metric, total
 from .packed_trainer import PackedTrainer
 from .ref_sync import SyncRefModelCallback, check_sync_compatible
-from .reference import ReferenceModel, reference_logps, resolve_reference
+from .reference import AdapterReference, ReferenceModel, reference_logps, resolve_reference
 
 logger = logging.getLogger(__name__)
 
 
-def zero_loss(model: torch.nn.Module) -> torch.Tensor:
-    """A zero loss whose backward reaches every trainable parameter through no activation: a micro-batch left
-    out of a step still gives DDP a gradient (of zeros) for each parameter."""
-    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+#: what a micro-batch without pairs runs instead, so that its process runs the forwards and the backward of the others
+PLACEHOLDER_PAIR = {"prompt_input_ids": [0], "chosen_input_ids": [0], "rejected_input_ids": [0]}
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PreferenceMetrics(Metrics):
     log_odds_chosen: Mean | None = None
     aux_loss: Mean | None = None            # MoE router load balancing
     nll_loss: Mean | None = None
+    skipped_pairs: torch.Tensor | None = total()   # with a non-finite loss (training)
 
 
 class StepPairs(NamedTuple):
@@ -66,6 +67,7 @@ class PreferenceTrainer(PackedTrainer):
             policy that is not a PeftModel, not loaded in it, or naming the trained adapter as the reference;
             ``ref_adapter_name`` together with ``ref_model``; ``sync_ref_model`` with a reference whose parameter
             names or shapes differ from the policy's; ``router_aux_loss_coef`` on a model without router logits.
+            Under FSDP: ``precompute_ref_log_probs`` with the PEFT policy as its own reference, and ``sync_ref_model``.
         NotImplementedError: ``sync_ref_model`` with a PEFT policy (TRL 1.16's check).
     """
 
@@ -83,10 +85,15 @@ class PreferenceTrainer(PackedTrainer):
             model, ref_model, self.accelerator.unwrap_model, ld_alpha=args.ld_alpha,
             ref_adapter_name=args.ref_adapter_name, model_adapter_name=model_adapter,
         ) if self.loss_spec.needs_reference else None
+        if self.is_fsdp_enabled:
+            _check_fsdp(args, self.reference)
         if isinstance(self.reference, ReferenceModel):
             if args.sync_ref_model:
                 check_sync_compatible(causal_lm(model), self.reference.model)
-            self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+            # on the device under FSDP too, where accelerate leaves placement to the sharding: the reference is not
+            # sharded but a whole frozen copy on each device, as under DDP
+            self.reference.model = self.accelerator.prepare_model(self.reference.model, device_placement=True,
+                                                                  evaluation_mode=True)
             if args.sync_ref_model:
                 self.add_callback(SyncRefModelCallback(
                     self.reference.model, lambda m: causal_lm(self.accelerator.unwrap_model(m))))
@@ -117,47 +124,82 @@ class PreferenceTrainer(PackedTrainer):
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
         """Mean loss over the pairs of the effective batch (``num_items_in_batch`` pairs over all processes;
         scaled by the process count because DDP averages gradients), or over this micro-batch when no count
-        is given (evaluation)."""
+        is given (evaluation).
+
+        A training micro-batch without pairs (online DPO: the judge ranked none) or with a non-finite pair loss is
+        left out of the step with a zero loss (``_nonfinite`` says what happens to the latter). Every process still
+        runs the forwards, the metrics' reduction and the backward that the others run, in the same order."""
         spec = self.step_loss_spec()
-        policy = pair_logps(model, inputs, ld_alpha=spec.ld_alpha, wpo=spec.use_weighting,
+        batch = inputs if inputs.num_rows else pack([PLACEHOLDER_PAIR], self.grouping).to(inputs.input_ids.device)
+        policy = pair_logps(model, batch, ld_alpha=spec.ld_alpha, wpo=spec.use_weighting,
                             prompt_nll=spec.prompt_nll)
-        ref = reference_logps(self.reference, model, inputs)
+        ref = reference_logps(self.reference, model, batch)
         nll_tokens = policy.nll_tokens.sum()
-        if num_items_in_batch is not None and spec.uses_nll and self.step_counts is not None:
+        if inputs.num_rows and num_items_in_batch is not None and spec.uses_nll and self.step_counts is not None:
             nll_tokens = self.step_counts.nll_tokens * inputs.num_rows / num_items_in_batch
         losses, chosen_rewards, rejected_rewards = preference_loss(
             spec, policy.chosen, policy.rejected, *(ref or (None, None)),
             chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
             chosen_nll=policy.chosen_nll, nll_tokens=nll_tokens, pair_weights=policy.wpo_weights,
         )
-        if model.training and not bool(torch.isfinite(losses).all()):
-            return self._nonfinite(model, inputs, losses)
-        if num_items_in_batch is None:
-            loss, share = losses.mean(), 1.0
-        else:
-            loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
-            share = inputs.num_rows / num_items_in_batch * self.accelerator.num_processes
         aux = policy.aux_loss if self.aux_loss_enabled else None
-        if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
-            loss = loss + self.router_aux_loss_coef * aux * share
-        self.metrics.add("train" if model.training else "eval", inputs,
-                         self.loss_metrics(inputs, policy, ref, losses, chosen_rewards, rejected_rewards, aux))
-        return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \
-            else loss
+        nonfinite = model.training and inputs.num_rows > 0 and not bool(torch.isfinite(losses).all())
+        kept = slice(0, 0) if nonfinite or not inputs.num_rows else slice(None)   # logged: the pairs in the loss
+        metrics = self.loss_metrics(inputs, policy.rows(kept), None if ref is None else (ref[0][kept], ref[1][kept]),
+                                    losses[kept], chosen_rewards[kept], rejected_rewards[kept], aux)
+        if model.training:
+            metrics.skipped_pairs = torch.tensor(float(inputs.num_rows if nonfinite else 0))
+        skipped = self.metrics.add("train" if model.training else "eval", inputs, metrics).get("skipped_pairs")
+        if skipped:
+            self._nonfinite(inputs, losses, skipped)
+        if not inputs.num_rows:   # the placeholder pair: a finite graph, backpropagated as the other processes do
+            loss = losses.sum() * 0.0
+        elif nonfinite:
+            loss = self._nonfinite_loss(model, policy)
+        else:
+            if num_items_in_batch is None:
+                loss, share = losses.mean(), 1.0
+            else:
+                loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
+                share = inputs.num_rows / num_items_in_batch * self.accelerator.num_processes
+            if aux is not None:   # a mean over this micro-batch's tokens, weighted by its share of the pairs
+                loss = loss + self.router_aux_loss_coef * aux * share
+        return (loss, {"chosen_rewards": chosen_rewards[kept], "rejected_rewards": rejected_rewards[kept]}) \
+            if return_outputs else loss
 
-    def _nonfinite(self, model, inputs: PackedBatch, losses):
-        """A NaN/inf pair loss stops training, naming the step and the pairs; with ``skip_nonfinite_losses`` the
-        micro-batch is left out instead. Its backward would spread the NaN through every shared weight, so the
-        skip returns ``zero_loss``."""
-        bad = ~torch.isfinite(losses)
+    def _nonfinite(self, inputs: PackedBatch, losses: torch.Tensor, skipped: float) -> None:
+        """``skipped`` pairs of the processes' current micro-batches had a NaN/inf loss. Without
+        ``skip_nonfinite_losses`` every process stops with the same error naming each process's pairs, before any
+        update; with it, those micro-batches are left out (each process warns about its own)."""
+        bad = ~torch.isfinite(losses[:inputs.num_rows])
         pairs = (inputs.row_index[bad] if inputs.row_index is not None else bad.nonzero().flatten()).tolist()
-        where = f"step {self.state.global_step + 1}, training pair(s) {pairs} (losses {losses[bad].tolist()})"
+        here = f"training pair(s) {pairs} (losses {losses[bad].tolist()})" if pairs else ""
+        step = self.state.global_step + 1
         if not self.args.skip_nonfinite_losses:
-            raise FloatingPointError(f"non-finite DPO loss at {where}; the weights were not updated. "
+            if self.args.world_size > 1:   # every process learns every process's pairs: one message everywhere
+                here = "; ".join(f"{found} on process {rank}" for rank, found in enumerate(gather_object([here]))
+                                 if found)
+            raise FloatingPointError(f"non-finite DPO loss at step {step}, {here}; the weights were not updated. "
                                      "Set skip_nonfinite_losses to leave such micro-batches out.")
-        logger.warning("skipping a micro-batch of %d pairs: non-finite loss at %s", inputs.num_rows, where)
-        self.metrics.add_total("train", "skipped_pairs", inputs.num_rows)
-        return zero_loss(model)
+        if pairs:
+            logger.warning("skipping a micro-batch of %d pairs: non-finite loss at step %d, %s", inputs.num_rows,
+                           step, here)
+        self.step_left_out += skipped
+
+    @staticmethod
+    def _nonfinite_loss(model, policy: PairLogps) -> torch.Tensor:
+        """A zero loss for a micro-batch with a non-finite loss, its backward the one DDP or FSDP needs to stay in
+        step. DDP reduces whatever gradient reaches each parameter: a zero for each trainable one, through no
+        activation, so none of the micro-batch's NaNs. FSDP reduces in hooks on the forward's graph: through it,
+        the non-finite log-probs zeroed (a NaN in the policy's own activations would still reach the gradients)."""
+        if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
+            return (policy.chosen.nan_to_num(0.0, 0.0, 0.0) + policy.rejected.nan_to_num(0.0, 0.0, 0.0)).sum() * 0.0
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+    def nothing_trained(self) -> str:
+        return (f"all {int(self.step_counts.pairs)} pair(s) had a non-finite loss and were skipped "
+                "(skipped_pairs; the warnings above name them).\nWhat to do: correct those pairs' data or reference "
+                "log-probs; if the policy's own log-probs are not finite, lower the learning rate")
 
     # --------------------------------------------------------------- metrics
     def loss_metrics(self, batch: PackedBatch, policy: PairLogps, ref, losses, chosen_rewards, rejected_rewards,
@@ -206,6 +248,20 @@ def _check_reference_options(model, ref_model, args: DPOConfig) -> None:
     if args.ref_adapter_name and ref_model is not None:
         raise ValueError("pass either a ref_model (with force_use_ref_model) or ref_adapter_name, not both: "
                          "each is a whole reference")
+
+
+def _check_fsdp(args: DPOConfig, reference) -> None:
+    """What cannot run under FSDP, where the policy reaches the devices only when training starts, sharded."""
+    if args.precompute_ref_log_probs and isinstance(reference, AdapterReference):
+        raise ValueError(
+            f"precompute_ref_log_probs with {reference.description} as the reference cannot run under FSDP: that "
+            "reference is the policy, which is on no device before training starts, then sharded. Give a separate "
+            "reference model (ref_model, --ref-model), train data-parallel (accelerate launch --multi_gpu), or give "
+            "the dataset its reference log-probs as ref_chosen_logps and ref_rejected_logps columns")
+    if args.sync_ref_model:
+        raise ValueError("sync_ref_model (TR-DPO) cannot run under FSDP: the policy weights it mixes into the "
+                         "reference are sharded across the processes; train data-parallel (accelerate launch "
+                         "--multi_gpu)")
 
 
 def _set_up_adapters(model, args: DPOConfig) -> str | None:

@@ -194,22 +194,49 @@ def test_loss_on_fixed_pairs_equals_dpo_loss_on_float64_logps(tmp_path):
     assert abs(sums["objective/kl"][0] / sums["objective/kl"][1] - kl) <= 1e-5 * got["policy"].abs().mean()
 
 
-def test_no_verdict_at_all_is_a_zero_step(tmp_path):
-    """A judge that never answers: the step runs, the loss is 0, the weights stay, all prompts counted."""
+def test_no_verdict_at_all_trains_nothing_and_says_so(tmp_path, caplog):
+    """A judge that never answers: the step runs, the weights stay, all prompts are counted; the log warns with the
+    count and what to do, TRL's metric names are logged as NaN (the Trainer's loss too, not 0), and the tally that
+    makes `fastdpo train-online` exit non-zero records no trained step."""
     policy = tiny_llama(seed=6)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     trainer = OnlineDPOTrainer(policy, args=config(tmp_path, max_steps=1), train_dataset=prompts(2),
                                processing_class=smollm2_tokenizer(), judge=FixedJudge([-1, -1]))
     trainer.train()
     (h,) = logged(trainer)
-    assert h["loss"] == 0.0 and h["judge/unparseable"] == 1.0 and "rewards/chosen" not in h
+    assert h["judge/unparseable"] == 1.0 and math.isnan(h["loss"])
+    assert all(math.isnan(h[k]) for k in ONLINE_METRICS if k not in ("val/contain_eos_token", "beta"))
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert (trainer.tally.steps, trainer.tally.trained) == (1, 0)
+    assert "step 1 trained on nothing: the judge gave no verdict for any of the 2 prompt(s)" in caplog.text
+    assert "What to do: judge with an instruct model" in trainer.tally.untrained_reason
+
+
+def test_cli_run_that_trains_nothing_exits_non_zero(tmp_path):
+    """`fastdpo train-online` with a tiny random model as its own judge (no verdicts, as SmolLM2-135M judging
+    itself in the issue): it warns every step and exits 2 saying why and what to do, saving no adapter."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(seed=21).save_pretrained(model_dir)
+    smollm2_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastdpo", "train-online", "--model", str(model_dir), "--dataset", str(data),
+           "--judge", str(model_dir), "--judge-max-new-tokens", "2", "--use-peft", "--per-device-train-batch-size",
+           "2", "--max-new-tokens", "4", "--max-steps", "2", "--logging-steps", "1", "--output-dir", str(out),
+           "--report-to", "none", "--save-strategy", "no", "--disable-tqdm", "true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=CWD)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("trained on nothing: the judge gave no verdict for any of the 2 prompt(s)") == 2
+    assert "error: none of this run's 2 optimiser step(s) trained on anything, so the model was not saved" in proc.stderr
+    assert "What to do: judge with an instruct model" in proc.stderr
+    assert not (out / "adapter_model.safetensors").exists()
 
 
 @needs_smollm2
 def test_step_with_smollm2_judge(tmp_path, smollm2_cache, monkeypatch):
     """The real SmolLM2-135M-Instruct judges a tiny policy's samples (PEFT reference); every prompt is ranked or
-    counted as unparseable, and the metrics are finite."""
+    counted as unparseable, and the metrics are finite where a pair was ranked."""
     from peft import LoraConfig
 
     monkeypatch.setenv("FASTDPO_CACHE", str(smollm2_cache))
@@ -222,10 +249,9 @@ def test_step_with_smollm2_judge(tmp_path, smollm2_cache, monkeypatch):
     (h,) = logged(trainer)
     assert len(trainer.judge.last_answers) == 2
     unparseable = sum(parse_verdict(a) < 0 for a in trainer.judge.last_answers)
-    assert h["judge/unparseable"] == unparseable / 2 and math.isfinite(h["loss"])
-    assert all(math.isfinite(v) for k, v in h.items() if isinstance(v, float))
-    if unparseable < 2:
-        assert all(k in h for k in ONLINE_METRICS)
+    assert h["judge/unparseable"] == unparseable / 2 and all(k in h for k in ONLINE_METRICS)
+    # NaN where no pair was ranked, as TRL logs the mean of nothing
+    assert all(math.isfinite(v) for k, v in h.items() if isinstance(v, float)) == (unparseable < 2)
 
 
 def test_cli_errors(tmp_path, capsys):
