@@ -34,7 +34,7 @@ HELP_GROUPS = {
     "online sampling and ranking": ("reward_model_path", "judge", "judge_max_new_tokens", "max_new_tokens",
                                     "temperature", "missing_eos_penalty"),
     "KTO loss": ("beta", "loss_type", "desirable_weight", "undesirable_weight", "per_device_train_batch_size",
-                 "train_sampling_strategy", "prefix_sharing"),
+                 "train_sampling_strategy", "prefix_sharing", "skip_nonfinite_losses"),
     "SFT data and loss": ("dataset_text_field", "completion_only_loss", "assistant_only_loss", "eos_token", "packing",
                           "packing_strategy", "loss_type"),
     "reference": ("ref_model", "precompute_ref_log_probs", "reference_free", "force_use_ref_model",

@@ -57,6 +57,11 @@ class KTOConfig(PackedConfig):
         "help": "Compute the reference log-probs of the completions and KL completions once before training and "
                 "release the reference model."})
 
+    skip_nonfinite_losses: bool = field(default=False, metadata={
+        "help": "On a NaN/inf row loss, leave that micro-batch's rows out of the step (counted as skipped_rows) "
+                "instead of stopping with an error naming the step and the rows (TRL drops NaN rows from its mean "
+                "silently)."})
+
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
 
     def __post_init__(self):

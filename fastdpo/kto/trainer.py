@@ -15,7 +15,7 @@ from ..data.unpaired import KL_COLUMN, UNPAIRED_COLUMNS, GroupBatchSampler, Unpa
 from ..losses import kto_kl, kto_loss
 from ..ops import sequence_logps
 from ..train.forward import label_logps
-from ..train.metrics import Mean, Metrics, metric
+from ..train.metrics import Mean, Metrics, metric, total
 from ..train.packed_trainer import PackedTrainer
 from ..train.reference import PrecomputedReference, ReferenceModel, resolve_reference
 from ..train.trainer import use_prefix_sharing
@@ -38,6 +38,7 @@ class KTOMetrics(Metrics):
     logits_chosen: Mean | None = metric("logits/chosen")
     logits_rejected: Mean | None = metric("logits/rejected")
     entropy: Mean | None = None
+    skipped_rows: torch.Tensor | None = total()   # with a non-finite loss (training)
 
 
 class StepRows(NamedTuple):
@@ -91,6 +92,7 @@ class KTOTrainer(PackedTrainer):
     """
 
     Counts = StepRows
+    loss_name, item_name = "KTO", "row"
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, **kwargs):
@@ -163,7 +165,11 @@ class KTOTrainer(PackedTrainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):
         """Mean loss over the rows of the effective batch (``num_items_in_batch`` rows over all processes; scaled by
-        the process count because DDP averages gradients), or over this micro-batch when no count is given."""
+        the process count because DDP averages gradients), or over this micro-batch when no count is given.
+
+        A training micro-batch with a non-finite row loss (a NaN z₀ makes every process's) is left out of the step
+        with a zero loss, or stops training (``PackedTrainer.nonfinite``). Every process runs the same forwards and
+        the same collectives (z₀'s, the metrics'), in the same order, whatever its rows."""
         args = self.args
         policy = unpaired_logps(model, inputs, stats=("entropy", "mean_logit"))
         ref = self.reference_logps(model, inputs)
@@ -172,27 +178,42 @@ class KTOTrainer(PackedTrainer):
         losses, rewards = kto_loss(policy.completion, ref.completion, labels, kl, loss_type=args.loss_type,
                                    beta=args.beta, desirable_weight=args.desirable_weight,
                                    undesirable_weight=args.undesirable_weight)
-        if num_items_in_batch is None:
+        nonfinite = model.training and not bool(torch.isfinite(losses).all())
+        metrics = self.loss_metrics(inputs, policy, losses, rewards, labels, kl, kept=not nonfinite)
+        if model.training:
+            metrics.skipped_rows = torch.tensor(float(inputs.num_rows if nonfinite else 0))
+        skipped = self.metrics.add("train" if model.training else "eval", inputs, metrics).get("skipped_rows")
+        if skipped:
+            self.nonfinite(inputs, losses, skipped)
+        if nonfinite:
+            loss = self.nonfinite_loss(model, policy.completion)
+        elif num_items_in_batch is None:
             loss = losses.mean()
         else:
             loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
-        self.metrics.add("train" if model.training else "eval", inputs,
-                         self.loss_metrics(inputs, policy, losses, rewards, labels, kl))
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
+    def nothing_trained(self) -> str:
+        return self.nonfinite_skipped()
+
     # --------------------------------------------------------------- metrics
-    def loss_metrics(self, batch: PackedBatch, policy: UnpairedLogps, losses, rewards, labels, kl) -> KTOMetrics:
+    def loss_metrics(self, batch: PackedBatch, policy: UnpairedLogps, losses, rewards, labels, kl, *,
+                     kept: bool = True) -> KTOMetrics:
         """TRL's metrics of one micro-batch; ``logits/*`` and ``entropy`` over its completions' tokens (not the KL
-        completions')."""
+        completions'). ``kept`` False: the micro-batch is left out of the loss, and its metrics are means of nothing
+        (NaN where the whole window has none, as TRL logs the mean of nothing)."""
+        keep = torch.full_like(labels, kept)
         lengths = batch.label_cu_seqlens.diff().to(labels.device)
         segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths)
-        completion = segment % batch.group_size == 0
-        desirable = labels[segment // batch.group_size]
+        row = segment // batch.group_size
+        completion = (segment % batch.group_size == 0) & keep[row]
+        desirable = labels[row]
+        chosen, rejected = labels & keep, ~labels & keep
         logits, logps = policy.stats["mean_logit"], policy.completion.detach()
         return KTOMetrics(
-            loss=Mean.of(losses), kl=Mean.of(kl.reshape(1)),
-            rewards_chosen=Mean.of(rewards[labels]), rewards_rejected=Mean.of(rewards[~labels]),
-            logps_chosen=Mean.of(logps[labels]), logps_rejected=Mean.of(logps[~labels]),
+            loss=Mean.of(losses[keep]), kl=Mean.of(kl.reshape(1)[keep[:1]]),
+            rewards_chosen=Mean.of(rewards[chosen]), rewards_rejected=Mean.of(rewards[rejected]),
+            logps_chosen=Mean.of(logps[chosen]), logps_rejected=Mean.of(logps[rejected]),
             logits_chosen=Mean.of(logits[completion & desirable]), logits_rejected=Mean.of(logits[completion & ~desirable]),
             entropy=Mean.of(policy.stats["entropy"][completion]),
         )

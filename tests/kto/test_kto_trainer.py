@@ -2,6 +2,7 @@
 class weights and options."""
 
 import logging
+import re
 
 import datasets
 import pytest
@@ -85,6 +86,30 @@ def test_eval_metrics_and_a_lora_step_that_saves(tmp_path):
         evals[0]["eval_rewards/chosen"] - evals[0]["eval_rewards/rejected"])
     t.save_model()
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("column, rows", [("ref_logps", [5]), ("ref_KL_logps", list(range(8)))])
+def test_nonfinite_loss_stops_or_is_skipped_and_said(tmp_path, caplog, column, rows):
+    """A NaN reference log-prob of row 5's completion (its loss alone) or KL completion (z₀, so every row's): the
+    step stops with the error naming the rows, or with skip_nonfinite_losses is left out, counted and warned about
+    as a step that trained nothing, the weights untouched."""
+    for skip in (False, True):
+        t = trainer(tmp_path, lora(tiny_llama(seed=1), seed=2), precompute_ref_log_probs=True, max_steps=1,
+                    skip_nonfinite_losses=skip)
+        t.train_dataset = t.train_dataset.map(lambda row, i: {column: float("nan") if i == 5 else row[column]},
+                                              with_indices=True)
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+        if not skip:
+            with pytest.raises(FloatingPointError, match=re.escape(f"non-finite KTO loss at step 1, training row(s) "
+                                                                   f"{rows} (losses [nan")):
+                t.train()
+            continue
+        with caplog.at_level(logging.WARNING, logger="fastdpo.train.packed_trainer"):
+            t.train()
+        log = t.state.log_history[0]
+        assert log["skipped_rows"] == 8 and log["loss"] != log["loss"] and t.tally.trained == 0
+        assert "trained on nothing: all 8 row(s) had a non-finite loss and were skipped (skipped_rows" in caplog.text
+        assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters() if p.requires_grad)
 
 
 def test_one_label_class_is_an_error(tmp_path):
