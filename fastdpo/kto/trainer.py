@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
 from ..data import PackedBatch
@@ -17,7 +18,8 @@ from ..ops import sequence_logps
 from ..train.forward import label_logps
 from ..train.metrics import Mean, Metrics, metric, total
 from ..train.packed_trainer import PackedTrainer
-from ..train.reference import PrecomputedReference, ReferenceModel, resolve_reference
+from ..train.reference import AdapterReference, PrecomputedReference, ReferenceModel, resolve_reference
+from ..train.reference_cache import ReferenceKey, cached_ref_logps
 from ..train.trainer import use_prefix_sharing
 from .config import KTOConfig
 
@@ -145,22 +147,40 @@ class KTOTrainer(PackedTrainer):
             return self.reference.run(model, lambda m: unpaired_logps(m, batch))
 
     def _with_reference(self, dataset, split: str):
-        """The dataset with the reference log-prob columns (unless it has them), computed once here (on every
-        process)."""
+        """The dataset with the reference log-prob columns (unless it has them), computed once per ``ReferenceKey``
+        (data, reference weights and config, layout, packing, precision) and cached on disk as DPO's are
+        (``fastdpo.train.reference_cache``): each machine's main process computes or loads them first, the other
+        processes then load its file. The cache holds two [N] columns: the completions' and the KL completions'
+        (zeros without the KL term, which reads only the first)."""
         if set(self.grouping.ref_columns) <= set(dataset.column_names):
             return dataset
+        adapters_off = isinstance(self.reference, AdapterReference)   # the policy, its adapters disabled
+        module = self.accelerator.unwrap_model(self.model) if adapters_off else self.reference.model
+        key = ReferenceKey.of(module, self.args, data=dataset._fingerprint,
+                              prefix_sharing=self.grouping.prefix_sharing, adapter=False)
+        with self.accelerator.local_main_process_first():
+            cached = cached_ref_logps(key, len(dataset), lambda: self._compute_reference(dataset, split),
+                                      f"reference log-probs ({split})")
+        for column, values in zip(self.grouping.ref_columns, cached):
+            dataset = dataset.add_column(column, values.tolist(),
+                                         new_fingerprint=Hasher.hash((key.fingerprint, column)))
+        return dataset
+
+    def _compute_reference(self, dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N] float32 completion, [N] float32 KL completion or zeros) reference log-probs of ``dataset``'s rows,
+        in micro-batches of whole KL groups."""
         rows = dataset.select_columns(list(self.tokenized_columns))
-        values = torch.empty(len(rows), self.grouping.size)
+        values = torch.zeros(len(rows), 2)
         self.model.eval()   # training mode is set again when training starts
         sampler = self.batch_sampler(rows, shuffle=False, seed=0, batch_size=self.args.per_device_eval_batch_size)
         for idx in tqdm(sampler, desc=f"reference log-probs ({split})", disable=self.args.disable_tqdm):
             batch = self._prepare_inputs(self.data_collator([rows[i] for i in idx]))
             with self.compute_loss_context_manager():
                 ref = self.reference_logps(self.model, batch)
-            values[idx] = torch.stack([ref.completion, *([ref.kl] if ref.kl is not None else [])], 1).float().cpu()
-        for column, column_values in zip(self.grouping.ref_columns, values.unbind(1)):
-            dataset = dataset.add_column(column, column_values.tolist())
-        return dataset
+            values[idx, 0] = ref.completion.float().cpu()
+            if ref.kl is not None:
+                values[idx, 1] = ref.kl.float().cpu()
+        return values[:, 0].contiguous(), values[:, 1].contiguous()
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: PackedBatch, return_outputs=False, num_items_in_batch=None):

@@ -8,12 +8,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import datasets
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/, for _shared
 
-import datasets  # noqa: E402
 from _shared import lora, smollm2_tokenizer, tiny_llama  # noqa: E402
 from fastdpo import KTOConfig, KTOTrainer  # noqa: E402
 

@@ -25,12 +25,12 @@ pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchr
 def runs(tmp_path_factory):
     """{run: [rank 0's {case: {"logs", "weights"}}, (rank 1's)]} for the single-process and the 2-process run."""
     out = tmp_path_factory.mktemp("kto-ddp")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent.parent), os.environ.get("PYTHONPATH", "")]),
-           "FASTDPO_CACHE": str(out / "cache")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent.parent), os.environ.get("PYTHONPATH", "")])}
     for launcher, run in (([sys.executable], "single"),
                           (["torchrun", "--standalone", "--nproc_per_node", "2"], "ranks")):
+        # each run its own reference cache: the 2 processes compute theirs (one computes, the other loads its file)
         proc = subprocess.run([*launcher, str(WORKER), str(out), run], capture_output=True, text=True, timeout=900,
-                              env=env, cwd=tempfile.gettempdir())
+                              env={**env, "FASTDPO_CACHE": str(out / f"{run}-cache")}, cwd=tempfile.gettempdir())
         assert proc.returncode == 0, proc.stderr[-5000:]
     return {run: [torch.load(out / f"{run}-{rank}.pt") for rank in range(1 if run == "single" else 2)]
             for run in ("single", "ranks")}

@@ -31,9 +31,10 @@ def trainer(tmp_path, model=None, ref_model=None, data=None, **kw):
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
-def test_precomputed_reference_equals_live_reference(tmp_path, loss_type):
+def test_precomputed_reference_equals_live_reference(tmp_path, loss_type, caplog):
     """Live (LoRA adapters disabled) and precomputed (the same, once, completions and KL completions): the same
-    evaluation; the precomputed columns are in the data and the reference is released."""
+    evaluation; the precomputed columns are in the data, the reference is released, and a second run loads them from
+    the reference cache."""
     results = {}
     for precompute in (False, True):
         t = trainer(tmp_path, lora(tiny_llama(seed=1), seed=2), loss_type=loss_type,
@@ -47,6 +48,10 @@ def test_precomputed_reference_equals_live_reference(tmp_path, loss_type):
     for key in ("eval_loss", "eval_kl", "eval_rewards/chosen", "eval_rewards/margins", "eval_logps/rejected"):
         assert results[True][key] == pytest.approx(results[False][key], rel=1e-6, abs=1e-9), key
     assert results[True]["eval_rewards/margins"] != 0.0   # the adapters moved the policy off the reference
+    with caplog.at_level(logging.INFO, logger="fastdpo.train.reference_cache"):
+        again = trainer(tmp_path, lora(tiny_llama(seed=1), seed=2), loss_type=loss_type, precompute_ref_log_probs=True)
+    assert "reference log-probs (train): loaded from" in caplog.text
+    assert again.train_dataset["ref_logps"] == t.train_dataset["ref_logps"]
 
 
 def test_accumulated_micro_batches_equal_one_without_kl(tmp_path):
