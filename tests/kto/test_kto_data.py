@@ -74,6 +74,7 @@ def test_packed_layouts():
                                  "ref_KL_logps": torch.tensor([-1.5])}
     unshared = pack([row], UnpairedGrouping(prefix_sharing=False))
     assert unshared.input_ids.tolist() == [[5, 6, 7, 8, 9, 5, 6, 7, 10]] and unshared.segments is None
+    assert unshared.targets.tolist() == [8, 9, 10] and unshared.logit_index.tolist() == [2, 3, 7]   # not the prompt
     alone = pack([row], UnpairedGrouping(kl=False))
     assert alone.group_size == 1 and alone.input_ids.tolist() == [[5, 6, 7, 8, 9]] and "ref_KL_logps" not in \
         alone.row_values
