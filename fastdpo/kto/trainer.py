@@ -91,6 +91,7 @@ class KTOTrainer(PackedTrainer):
     Raises:
         ValueError: raw rows without a tokenizer; a training set with one label class; the errors of
             ``tokenize_unpaired``, of ``KTOConfig`` and of the sampler (a KL group over ``max_tokens_per_batch``).
+        FloatingPointError: a non-finite row loss in training without ``skip_nonfinite_losses`` (on every process).
     """
 
     Counts = StepRows
