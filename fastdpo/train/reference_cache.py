@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 _NAMES = ("chosen", "rejected")
 
-DIGEST_CHUNK = 1 << 21   # words hashed per step: bounds each int64 temporary of the digest to 16 MiB
+DIGEST_CHUNK = 1 << 20   # words hashed per step: the digest's int64 buffers are 8 MiB each
 _INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # by element size
 # splitmix64's constants, as the signed 64-bit integers torch multiplies by
 _GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
@@ -40,10 +40,10 @@ _GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1
 
 def _digest_keys(device: torch.device) -> torch.Tensor:
     """``DIGEST_CHUNK`` odd pseudo-random int64 keys (splitmix64's mixer over 1, 2, 3, ...) on ``device``."""
-    z = torch.arange(1, DIGEST_CHUNK + 1, dtype=torch.int64, device=device) * _GOLDEN
-    z = (z ^ (z >> 30)) * _MIX1
-    z = (z ^ (z >> 27)) * _MIX2
-    return (z ^ (z >> 31)) | 1
+    z = torch.arange(1, DIGEST_CHUNK + 1, dtype=torch.int64, device=device).mul_(_GOLDEN)
+    z.bitwise_xor_(z >> 30).mul_(_MIX1)
+    z.bitwise_xor_(z >> 27).mul_(_MIX2)
+    return z.bitwise_xor_(z >> 31).bitwise_or_(1)
 
 
 def tensor_digest(t: torch.Tensor, keys: torch.Tensor) -> int:
@@ -55,7 +55,10 @@ def tensor_digest(t: torch.Tensor, keys: torch.Tensor) -> int:
     words = t.detach().reshape(-1).view(_INTEGERS[t.element_size()])
     if words.numel() == 0:
         return 0
-    sums = torch.stack([(chunk.long() * keys[:chunk.numel()]).sum() for chunk in words.split(DIGEST_CHUNK)])
+    # one int64 buffer reused by every chunk: fresh temporaries per chunk left the allocator holding hundreds of MiB
+    products = torch.empty(min(words.numel(), DIGEST_CHUNK), dtype=torch.int64, device=t.device)
+    sums = torch.stack([products[:len(chunk)].copy_(chunk).mul_(keys[:len(chunk)]).sum()
+                        for chunk in words.split(DIGEST_CHUNK)])
     return int(sums[0]) % (1 << 64) if sums.numel() == 1 else tensor_digest(sums, keys)
 
 
