@@ -39,6 +39,11 @@ def work_tokens(max_length: int):
     return count
 
 
+def budget(args) -> int:
+    """fastdpo's token budget per micro-batch: ``--max-tokens-per-batch``, else TRL's largest batch with gradients."""
+    return args.max_tokens_per_batch or args.rows_per_group * args.max_length
+
+
 def load_data(args):
     """(tokenizer, preference pairs): the checkpoint's and the HH file's first --pairs, or the byte tokenizer and
     HH-shaped pairs with --random-model."""
@@ -69,7 +74,7 @@ def run(trainer_name: str, args) -> dict:
     else:
         from fastdpo import KTOConfig, KTOTrainer
 
-        config = KTOConfig(max_tokens_per_batch=args.max_tokens_per_batch, train_sampling_strategy="sequential",
+        config = KTOConfig(max_tokens_per_batch=budget(args), train_sampling_strategy="sequential",
                            **common)
     trainer = KTOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     recorder = steps.attach(trainer, work_tokens(args.max_length), cuda)
@@ -103,7 +108,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=64, help="HH pairs: 2x as many unpaired rows")
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--rows-per-group", type=int, default=8, help="KL group: TRL's per_device_train_batch_size")
-    p.add_argument("--max-tokens-per-batch", type=int, default=4096, help="fastdpo's packed micro-batch budget")
+    p.add_argument("--max-tokens-per-batch", type=int,
+                   help="fastdpo's packed micro-batch budget (default: --rows-per-group x --max-length, the most "
+                        "tokens TRL's padded batch trains on with gradients; the first 64 HH pairs' largest KL group "
+                        "packs into 2546 of the default 3072)")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--trainers", default="fastdpo,trl")
     p.add_argument("--out", help="path prefix for .json and .md results")
@@ -134,7 +142,7 @@ def report(args) -> tuple[list[dict], str]:
     data = f"{args.random_model} random model, HH-shaped pairs" if args.random_model else "SmolLM2-135M-Instruct, HH"
     md = (f"One KTO epoch: {data}, LoRA r16, {'bf16' if args.device == 'cuda' else 'fp32'}, {args.pairs} pairs "
           f"unpaired, max_length {args.max_length}, KL groups of {args.rows_per_group} rows, fastdpo budget "
-          f"{args.max_tokens_per_batch} tokens, GA {args.gradient_accumulation_steps}\n\n" + table(rows))
+          f"{budget(args)} tokens, GA {args.gradient_accumulation_steps}\n\n" + table(rows))
     return rows, md
 
 
