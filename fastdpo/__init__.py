@@ -2,9 +2,9 @@
 
 Layers, each importing only its own and lower ranks (``tests/test_layout.py`` enforces them): 0 ``fastdpo.kernels``,
 1 ``fastdpo.ops`` (fused log-probs), 2 ``fastdpo.losses``, 3 ``fastdpo.data``, 4 ``fastdpo.models``, 5 ``fastdpo.train``
-(the packed-training base and DPO), 6 ``fastdpo.online`` and ``fastdpo.sft``, 7 ``fastdpo.integrations`` and
-``fastdpo.cli``. The names below load their layer on first use (PEP 562), so ``from fastdpo import linear_logps``
-imports torch and nothing of transformers.
+(the packed-training base and DPO), 6 ``fastdpo.online``, ``fastdpo.sft`` and ``fastdpo.kto``, 7
+``fastdpo.integrations`` and ``fastdpo.cli``. The names below load their layer on first use (PEP 562), so ``from
+fastdpo import linear_logps`` imports torch and nothing of transformers.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ _EXPORTS = {
     "DPOConfig": "train", "DPOTrainer": "train", "PackedConfig": "train", "PackedTrainer": "train",
     "OnlineDPOConfig": "online", "OnlineDPOTrainer": "online",
     "SFTConfig": "sft", "SFTTrainer": "sft",
+    "KTOConfig": "kto", "KTOTrainer": "kto", "kto_loss": "losses",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,12 +8,14 @@ completion token counts, the chosen completions' NLL and per-pair weights) and r
 weighting, TRL <= 0.28's ``rpo_alpha``, and the reference-free losses of TRL 1.16's experimental
 ``CPOTrainer`` (CPO, SimPO) and ``ORPOTrainer``. Per-token work (LD-DPO's split, WPO's weights,
 ORPO's prompt NLL) happens where the per-sequence sums are formed, in ``fastdpo.train.forward``.
+
+``kto_loss`` and ``kto_kl`` are TRL 1.16 ``KTOTrainer``'s unpaired losses on [R] vectors of rows (``fastdpo.KTOTrainer``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -544,3 +546,75 @@ def preference_loss(
         chosen_rewards = _per_token(chosen_rewards, chosen_lengths)
         rejected_rewards = _per_token(rejected_rewards, rejected_lengths)
     return losses, chosen_rewards, rejected_rewards
+
+
+# ----------------------------------------------------------------------------------------------------------- KTO
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """KTO's reference point z₀ (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+    Eq. 7; TRL 1.16 ``KTOTrainer._compute_loss``): the mean of ``log π(y'|x) − log π_ref(y'|x)`` over rows whose
+    completion y' is another row's (mismatched), without gradient, clamped at 0.
+
+    Args:
+        kl_logps, ref_kl_logps: [R] float, summed log-probs of the mismatched completions under the policy and the
+            reference.
+        reduce: sums a [2] tensor (the differences' sum, the row count) over processes, so that every process gets
+            the mean over all their rows; None on one process. TRL averages the processes' means instead: the same
+            when every process holds as many rows, which its fixed per-device batches always do but the last.
+
+    Returns:
+        0-d float32, ≥ 0, no grad.
+    """
+    with torch.no_grad():
+        totals = torch.stack([(kl_logps.float() - ref_kl_logps.float()).sum(),
+                              torch.tensor(float(kl_logps.numel()), device=kl_logps.device)])
+        if reduce is not None:
+            totals = reduce(totals)
+        return (totals[0] / totals[1]).clamp_min(0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor | float = 0.0, *,
+             loss_type: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KTO losses and implicit rewards, equal to TRL 1.16 ``KTOTrainer._compute_loss``'s.
+
+    With ``ρ = log π(y|x) − log π_ref(y|x)`` per row and the reference point ``z₀ = kl`` (``kto_kl``):
+
+    - ``kto`` (KTO, Eq. 7): ``1 − σ(β(ρ − z₀))`` for a desirable completion, ``1 − σ(β(z₀ − ρ))`` for an
+      undesirable one;
+    - ``apo_zero_unpaired`` (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", Eq. 7, unpaired):
+      ``1 − σ(βρ)`` desirable, ``σ(βρ)`` undesirable; no reference point (``kl`` is ignored).
+
+    Each is weighted by ``desirable_weight`` or ``undesirable_weight``, so that ``losses.mean()`` is TRL's loss.
+
+    Args:
+        logps, ref_logps: [R] float, summed log-probs (nats) of each row's completion under the policy and the
+            reference (the latter used detached).
+        labels: [R] bool, True where the completion is desirable.
+        kl: z₀, a float or 0-d tensor (detached).
+
+    Returns:
+        (losses [R] in ``logps``' dtype, rewards [R] ``β ρ`` detached).
+
+    Raises:
+        ValueError: an unknown ``loss_type``; inputs of another shape than ``logps`` [R]; non-boolean labels.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+    if logps.dim() != 1:
+        raise ValueError(f"logps must be a [R] vector, got shape {tuple(logps.shape)}")
+    _check_vector("ref_logps", ref_logps, logps.shape)
+    _check_vector("labels", labels, logps.shape)
+    if labels.dtype != torch.bool:
+        raise ValueError(f"labels must be a bool tensor (True: desirable), got {labels.dtype}")
+    logratios = logps - ref_logps.detach().to(logps.dtype)
+    if loss_type == "kto":
+        kl = torch.as_tensor(kl, dtype=logps.dtype, device=logps.device).detach()
+        desirable, undesirable = 1 - torch.sigmoid(beta * (logratios - kl)), 1 - torch.sigmoid(beta * (kl - logratios))
+    else:
+        desirable, undesirable = 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios)
+    losses = torch.where(labels, desirable_weight * desirable, undesirable_weight * undesirable)
+    return losses, beta * logratios.detach()

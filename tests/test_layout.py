@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastdpo"
 # Each layer may import its own and lower ranks only (ops imports nothing above it; losses is pure torch).
-RANKS = {"kernels": 0, "ops": 1, "losses": 2, "data": 3, "models": 4, "train": 5, "online": 6, "sft": 6,
+RANKS = {"kernels": 0, "ops": 1, "losses": 2, "data": 3, "models": 4, "train": 5, "online": 6, "sft": 6, "kto": 6,
          "integrations": 7, "cli": 7}
 HEAVY = ("transformers", "datasets", "peft", "bitsandbytes", "accelerate", "trl")
 
@@ -98,6 +98,7 @@ def test_no_top_level_package_shadows_an_installed_one():
 
 
 @pytest.mark.parametrize("name", ["DPOConfig", "DPOTrainer", "OnlineDPOConfig", "OnlineDPOTrainer", "dpo_loss",
+                                  "KTOConfig", "KTOTrainer", "kto_loss",
                                   "linear_logps", "get_batch_logps", "sequence_logps", "LogitTransform"])
 def test_public_names_resolve(name):
     import fastdpo

@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "train-online": ("Online DPO: sample two completions per prompt, rank them with a reward model or an LLM judge, "
                      "train on the ranked pairs (packed batches, fused log-probs).", ".training:train"),
     "sft": ("Supervised fine-tuning, the step before DPO (packed sequences, fused cross-entropy).", ".training:train"),
+    "kto": ("KTO on unpaired thumbs-up / thumbs-down rows (TRL's KTOTrainer: packed rows, each with its KL "
+            "completion branching off the prompt; fused log-probs).", ".training:train"),
     "plot": ("Plot a run's training curves (loss, rewards) from its trainer_state.json.", ".plot:main"),
 }
 

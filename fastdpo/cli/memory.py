@@ -191,6 +191,16 @@ def sequence_shape(args) -> BatchShape:
                       rows_per_batch=None if args.packing else args.per_device_train_batch_size)
 
 
+def unpaired_shape(args) -> BatchShape:
+    """``fastdpo kto``: whole KL groups of ``per_device_train_batch_size`` rows, each of up to 2 × ``max_length``
+    tokens (prompt and completion, and prompt and KL completion), under the token budget; without the KL term, rows of
+    up to ``max_length``."""
+    group = args.per_device_train_batch_size if args.kl else 1
+    return BatchShape(_longest(args, 2 * group if args.kl else 1),
+                      "a KL group needs up to per_device_train_batch_size × 2 × --max-length" if args.kl
+                      else "a row needs up to --max-length", frozen_copy=True)
+
+
 def apply_memory_plan(args, given: set[str], model, shape: BatchShape, ref_model=None):
     """Estimate the run's peak memory, choose what the user left open (``max_tokens_per_batch``, with
     ``gradient_accumulation_steps`` raised to keep the config's default tokens per optimiser step, and

@@ -1,5 +1,5 @@
-"""The options of the training commands (``COMMANDS``: ``fastdpo train``, ``train-online`` and ``sft``): their data
-and model options (``TrainArguments``, ``SFTArguments``) and their trainer's config (all of
+"""The options of the training commands (``COMMANDS``: ``fastdpo train``, ``train-online``, ``sft`` and ``kto``): their
+data and model options (``TrainArguments``, ``SFTArguments``, ``KTOArguments``) and their trainer's config (all of
 ``transformers.TrainingArguments``), parsed by ``GroupedArgumentParser``; ``--config file.yaml`` supplies defaults
 that the command line overrides. ``--help`` shows the options a user of the command needs first, in groups
 (``HELP_GROUPS``), then every other field.
@@ -19,8 +19,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from . import SUBCOMMANDS
-from .memory import BatchShape, pair_shape, prompt_shape, sequence_shape
-from .report import METRICS, SFT_METRICS
+from .memory import BatchShape, pair_shape, prompt_shape, sequence_shape, unpaired_shape
+from .report import KTO_METRICS, METRICS, SFT_METRICS
 
 #: --help's groups; each command lists the ones it shows, in order (``Command.groups``), the rest under OTHER_FIELDS.
 HELP_GROUPS = {
@@ -33,6 +33,8 @@ HELP_GROUPS = {
                  "router_aux_loss_coef", "skip_nonfinite_losses"),
     "online sampling and ranking": ("reward_model_path", "judge", "judge_max_new_tokens", "max_new_tokens",
                                     "temperature", "missing_eos_penalty"),
+    "KTO loss": ("beta", "loss_type", "desirable_weight", "undesirable_weight", "per_device_train_batch_size",
+                 "train_sampling_strategy", "prefix_sharing", "skip_nonfinite_losses"),
     "SFT data and loss": ("dataset_text_field", "completion_only_loss", "assistant_only_loss", "eos_token", "packing",
                           "packing_strategy", "loss_type"),
     "reference": ("ref_model", "precompute_ref_log_probs", "reference_free", "force_use_ref_model",
@@ -118,6 +120,20 @@ class SFTArguments(RunArguments):
         "help": "SFT data: a .json/.jsonl/.jsonl.gz/.parquet/.csv file, a directory of them, or a hub dataset name. "
                 "Rows in TRL's SFT formats: text (--dataset-text-field), prompt + completion (strings or message "
                 "lists), messages; or preference rows, trained on their chosen completions. (required)"})
+
+
+@dataclass
+class KTOArguments(RunArguments):
+    """``RunArguments`` for unpaired data, and a separate reference model (``fastdpo kto``)."""
+
+    dataset: str | None = field(default=None, metadata={
+        "help": "Unpaired preference data: a .json/.jsonl/.jsonl.gz/.parquet/.csv file, a directory of them, or a hub "
+                "dataset name. Rows in TRL's unpaired format: prompt + completion (strings or message lists) and a "
+                "boolean label (true: desirable), or a whole dialogue as completion (implicit prompt); preference "
+                "pairs (prompt/chosen/rejected, HH dialogues) are unpaired as TRL does. (required)"})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "A separate frozen reference model (same forms as --model). Default: the policy with its LoRA "
+                "adapters disabled (--use-peft, --adapter), else a frozen copy of the policy."})
 
 
 class GroupedArgumentParser(HfArgumentParser):
@@ -218,6 +234,8 @@ COMMANDS = {
     "sft": Command(SFTArguments, "fastdpo.sft:SFTConfig", "fastdpo.sft:SFTTrainer",
                    ("data", "model", "SFT data and loss", "training loop"), sequence_shape, SFT_METRICS,
                    reference=False),
+    "kto": Command(KTOArguments, "fastdpo.kto:KTOConfig", "fastdpo.kto:KTOTrainer",
+                   ("data", "model", "KTO loss", "reference", "training loop"), unpaired_shape, KTO_METRICS),
 }
 
 

@@ -1,7 +1,8 @@
 """``fastdpo plot RUN_DIR``: a run's training curves (loss, rewards/margins, rewards/accuracies, rewards/chosen and
-rewards/rejected; train and eval) against optimiser steps, from its ``trainer_state.json``, as a PNG (matplotlib).
+rewards/rejected, KTO's kl; train and eval) against optimiser steps, from its ``trainer_state.json``, as a PNG
+(matplotlib).
 
-``write_curves`` is what ``fastdpo train``, ``train-online`` and ``sft`` call at the end of a run
+``write_curves`` is what ``fastdpo train``, ``train-online``, ``sft`` and ``kto`` call at the end of a run
 (``curves_after_training``); panels without data (an SFT run logs no rewards) are left out.
 """
 
@@ -21,6 +22,7 @@ PANELS = {
     "rewards/margins": ("rewards/margins",),
     "rewards/accuracies": ("rewards/accuracies",),
     "rewards/chosen vs rejected": ("rewards/chosen", "rewards/rejected"),
+    "kl": ("kl",),   # KTO's reference point z0
 }
 
 
@@ -85,7 +87,7 @@ def write_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
                 axes.plot(steps, values, "o--", color=colour, label=f"eval {label or ''}".strip())
         if title == "rewards/accuracies":
             axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")   # chance
-        elif title != "loss":
+        elif title not in ("loss", "kl"):
             axes.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
         axes.set(title=title, xlabel="step")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -8,6 +8,7 @@ import math
 #: the metrics of the tables, in their order (TRL's names; evaluation adds the ``eval_`` prefix)
 METRICS = ("loss", "rewards/margins", "rewards/accuracies")
 SFT_METRICS = ("loss", "mean_token_accuracy")
+KTO_METRICS = ("loss", "rewards/margins", "kl")
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -1,6 +1,7 @@
 """The training commands: ``fastdpo train`` preference-tunes a causal LM with fused log-probs on a preference dataset,
 ``fastdpo train-online`` does online DPO on a dataset of prompts, ``fastdpo sft`` supervised fine-tuning (the step
-before DPO). Their options and what tells them apart: ``fastdpo.cli.options`` (``COMMANDS``).
+before DPO), ``fastdpo kto`` KTO on unpaired rows. Their options and what tells them apart: ``fastdpo.cli.options``
+(``COMMANDS``).
 
 A run prints its memory estimate and the settings chosen to fit it (``fastdpo.cli.memory``), and ends with a
 first → last table of the metrics (``fastdpo.cli.report``) and ``training_curves.png`` (``fastdpo.cli.plot``).
@@ -56,7 +57,8 @@ def load_policy(script: RunArguments, args, *, reference: bool):
                 attn_implementation=script.attn_implementation or default_attn_implementation(args.device.type))
     model = load_causal_lm(source, load_in_4bit=script.load_in_4bit, **load)
     if script.adapter:
-        names = (args.model_adapter_name, args.ref_adapter_name) if reference else (None, None)
+        # the configs of DPO's commands name the adapters; KTO's and SFT's train the one adapter
+        names = (getattr(args, "model_adapter_name", None), getattr(args, "ref_adapter_name", None))
         model = load_lora_adapter(model, script.adapter, adapter_name=names[0] or "default", ref_adapter_name=names[1],
                                   quantized=script.load_in_4bit)
     elif script.use_peft:
@@ -122,7 +124,7 @@ def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...], eval_pa
 
 
 def train(argv: list[str], command: str = "train"):
-    """Run the training command ``command`` (``fastdpo train``, ``train-online`` or ``sft``): returns the finished
+    """Run the training command ``command`` (``fastdpo train``, ``train-online``, ``sft`` or ``kto``): returns the finished
     trainer and a summary (wall time, peak RSS and its estimate, dropped rows, the curves' path), which is also
     printed."""
     spec = COMMANDS[command]

@@ -101,5 +101,5 @@ class SFTTrainer(PackedTrainer):
             loss=Mean(nll.detach().sum(), tokens), mean_token_accuracy=Mean(out.stats["is_argmax"].sum(), tokens)))
         return (loss, {"per_token_nll": nll.detach()}) if return_outputs else loss
 
-    def extra_logs(self) -> dict[str, float]:
-        return {"num_tokens": float(self.num_tokens)}
+    def extra_logs(self, mode: str, means: dict[str, float]) -> dict[str, float]:
+        return {"num_tokens": float(self.num_tokens)} if mode == "train" else {}

@@ -11,6 +11,8 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
+from accelerate.utils import gather_object
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 
@@ -60,7 +62,8 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     - ``Counts`` and ``count``: what one micro-batch adds to its step's totals, the first field being the items
       the step's loss is divided by (``num_items_in_batch``);
     - ``compute_loss``, which adds the items it leaves out of the loss (over all processes) to ``step_left_out``;
-      optionally ``extra_logs``, and ``nothing_trained`` (why a step trained on nothing, and what to do).
+      optionally ``extra_logs`` (values logged beside a window's means, e.g. derived from them), and
+      ``nothing_trained`` (why a step trained on nothing, and what to do).
 
     A step none of whose items reached the loss is logged as a warning saying why, and tallied (``tally``: a caller
     that finds no trained step there stops with that reason).
@@ -70,6 +73,8 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     """
 
     loss_is_scaled_for_ga = True
+    #: what the non-finite-loss messages call the loss and its items (``nonfinite``)
+    loss_name, item_name = "training", "item"
     tokenized_columns: tuple[str, ...] = ()
     grouping: Grouping
     Counts: type[NamedTuple]
@@ -180,6 +185,50 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         """Why the current step's items all stayed out of its loss, and what to do."""
         return f"none of the {int(self.step_counts[0])} {self.Counts._fields[0]} reached the loss"
 
+    # ---------------------------------------------------- non-finite losses
+    def nonfinite(self, inputs: PackedBatch, losses: torch.Tensor, skipped: float) -> None:
+        """``skipped`` items of the processes' current training micro-batches had a NaN/inf loss (``losses``: this
+        process's, [R] per item). Without ``skip_nonfinite_losses`` (an option of the subclass's config) every process
+        stops with the same error naming the step and each process's items, before any update; with it, those
+        micro-batches are left out of the step (``step_left_out``; each process warns about its own). The messages
+        call the loss ``loss_name`` and its items ``item_name``.
+
+        Raises:
+            FloatingPointError: without ``skip_nonfinite_losses``, on every process.
+        """
+        bad = ~torch.isfinite(losses[:inputs.num_rows])
+        items = (inputs.row_index[bad] if inputs.row_index is not None else bad.nonzero().flatten()).tolist()
+        here = f"training {self.item_name}(s) {items} (losses {losses[bad].tolist()})" if items else ""
+        step = self.state.global_step + 1
+        if not self.args.skip_nonfinite_losses:
+            if self.args.world_size > 1:   # every process learns every process's items: one message everywhere
+                here = "; ".join(f"{found} on process {rank}" for rank, found in enumerate(gather_object([here]))
+                                 if found)
+            raise FloatingPointError(f"non-finite {self.loss_name} loss at step {step}, {here}; the weights were not "
+                                     "updated. Set skip_nonfinite_losses to leave such micro-batches out.")
+        if items:
+            logger.warning("skipping a micro-batch of %d %ss: non-finite loss at step %d, %s", inputs.num_rows,
+                           self.item_name, step, here)
+        self.step_left_out += skipped
+
+    @staticmethod
+    def nonfinite_loss(model, *logps: torch.Tensor) -> torch.Tensor:
+        """A zero loss for a micro-batch with a non-finite loss, its backward the one DDP or FSDP needs to stay in
+        step. DDP reduces whatever gradient reaches each parameter: a zero for each trainable one, through no
+        activation, so none of the micro-batch's NaNs. FSDP reduces in hooks on the forward's graph: through it, the
+        micro-batch's differentiable log-probs ``logps`` zeroed (a NaN in the policy's own activations would still
+        reach the gradients)."""
+        if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
+            return sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in logps) * 0.0
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+    def nonfinite_skipped(self) -> str:
+        """``nothing_trained`` where every item of the step had a non-finite loss and was skipped."""
+        item = self.item_name
+        return (f"all {int(self.step_counts[0])} {item}(s) had a non-finite loss and were skipped (skipped_{item}s; "
+                f"the warnings above name them).\nWhat to do: correct those {item}s' data or reference log-probs; if "
+                "the policy's own log-probs are not finite, lower the learning rate")
+
     # ------------------------------------------------------------ evaluation
     def evaluate(self, *args, **kwargs):
         start = time.perf_counter()
@@ -192,7 +241,9 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
                         metric_key_prefix="eval"):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         # the window's means replace the Trainer's eval loss (a mean of micro-batch means)
-        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.metrics.pop("eval").items()})
+        means = self.metrics.pop("eval")
+        means.update(self.extra_logs("eval", means))
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in means.items()})
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -202,8 +253,8 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         return loss.detach(), None, None
 
     # --------------------------------------------------------------- logging
-    def extra_logs(self) -> dict[str, float]:
-        """Values a subclass logs beside the training window's means."""
+    def extra_logs(self, mode: str, means: dict[str, float]) -> dict[str, float]:
+        """Values a subclass logs beside a window's ``means`` (``mode``: train or eval), e.g. derived from them."""
         return {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -214,5 +265,5 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
             if math.isnan(window.pop("loss", 0.0)):
                 logs["loss"] = math.nan
             logs.update(window)
-            logs.update(self.extra_logs())
+            logs.update(self.extra_logs("train", window))
         super().log(logs, start_time)

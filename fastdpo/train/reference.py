@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
@@ -16,37 +17,51 @@ from ..models import causal_lm, is_peft
 from .forward import packed_sequence_logps
 
 Logps = tuple[torch.Tensor, torch.Tensor]
+T = TypeVar("T")
 
 
-class ReferenceModel:
+class _LiveReference:
+    """A reference that runs a forward: ``run`` calls a function of the model with the reference's weights in place."""
+
+    ld_alpha: float | None
+
+    def run(self, policy: torch.nn.Module, forward: Callable[[torch.nn.Module], T]) -> T:
+        raise NotImplementedError
+
+    def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
+        """The (chosen [B], rejected [B]) log-probs of a batch of pairs."""
+        return self.run(policy, lambda model: packed_sequence_logps(model, batch, ld_alpha=self.ld_alpha))
+
+
+class ReferenceModel(_LiveReference):
     """A separate frozen reference model (``ref_model``, or a copy of the policy)."""
 
     description = "a separate frozen model"
 
-    def __init__(self, model: torch.nn.Module, ld_alpha: float | None):
+    def __init__(self, model: torch.nn.Module, ld_alpha: float | None = None):
         self.model, self.ld_alpha = model.requires_grad_(False).eval(), ld_alpha
 
-    def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
-        return packed_sequence_logps(self.model, batch, ld_alpha=self.ld_alpha)
+    def run(self, policy: torch.nn.Module, forward: Callable[[torch.nn.Module], T]) -> T:
+        return forward(self.model)
 
 
-class AdapterReference:
+class AdapterReference(_LiveReference):
     """The PEFT policy with a second, frozen adapter active (``ref_adapter_name``) or with its adapters disabled
     (``ref_adapter_name`` None); ``unwrap`` maps the Trainer's (DDP-wrapped) model to the PeftModel."""
 
-    def __init__(self, unwrap: Callable, ld_alpha: float | None, ref_adapter_name: str | None = None,
+    def __init__(self, unwrap: Callable, ld_alpha: float | None = None, ref_adapter_name: str | None = None,
                  model_adapter_name: str | None = None):
         self.unwrap, self.ld_alpha = unwrap, ld_alpha
         self.ref_adapter_name, self.model_adapter_name = ref_adapter_name, model_adapter_name
         self.description = (f"the frozen adapter {ref_adapter_name!r}" if ref_adapter_name
                             else "the policy with its adapters disabled")
 
-    def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
+    def run(self, policy: torch.nn.Module, forward: Callable[[torch.nn.Module], T]) -> T:
         peft_model = self.unwrap(policy)
         context = (reference_adapter(peft_model, self.ref_adapter_name, self.model_adapter_name)
                    if self.ref_adapter_name else peft_model.disable_adapter())
         with context:
-            return packed_sequence_logps(policy, batch, ld_alpha=self.ld_alpha)
+            return forward(policy)
 
 
 class PrecomputedReference:
@@ -66,26 +81,32 @@ class PrecomputedReference:
     def logps(self, policy: torch.nn.Module, batch: PackedBatch) -> Logps:
         if set(REF_COLUMNS) <= set(batch.row_values):
             return tuple(batch.row_values[c] for c in REF_COLUMNS)
+        return self._live().logps(policy, batch)
+
+    def run(self, policy: torch.nn.Module, forward: Callable[[torch.nn.Module], T]) -> T:
+        """``forward`` run by the fallback, for a batch without the precomputed columns."""
+        return self._live().run(policy, forward)
+
+    def _live(self) -> ReferenceModel | AdapterReference:
         if self.fallback is None:
             raise ValueError("this micro-batch carries no precomputed reference log-probs and the reference model "
                              "was released (precompute_ref_log_probs=True): give every dataset its reference columns")
-        return self.fallback.logps(policy, batch)
+        return self.fallback
 
 
 Reference = ReferenceModel | AdapterReference | PrecomputedReference
 
 
-def resolve_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, args, needs_reference: bool,
-                      unwrap: Callable, model_adapter_name: str | None) -> Reference | None:
-    """The reference strategy, in TRL's order of precedence: none when the loss needs none; ``ref_model``; the
-    reference adapter ``args.ref_adapter_name``; a PEFT policy's disabled adapters; a frozen copy of the policy."""
-    if not needs_reference:
-        return None
+def resolve_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, unwrap: Callable, *,
+                      ld_alpha: float | None = None, ref_adapter_name: str | None = None,
+                      model_adapter_name: str | None = None) -> ReferenceModel | AdapterReference:
+    """The live reference, in TRL's order of precedence: ``ref_model``; the reference adapter ``ref_adapter_name``;
+    a PEFT policy's disabled adapters; a frozen copy of the policy. ``ld_alpha``: LD-DPO's α for ``logps``."""
     if ref_model is not None:
-        return ReferenceModel(ref_model, args.ld_alpha)
+        return ReferenceModel(ref_model, ld_alpha)
     if is_peft(model):
-        return AdapterReference(unwrap, args.ld_alpha, args.ref_adapter_name, model_adapter_name)
-    return ReferenceModel(copy.deepcopy(causal_lm(model)), args.ld_alpha)
+        return AdapterReference(unwrap, ld_alpha, ref_adapter_name, model_adapter_name)
+    return ReferenceModel(copy.deepcopy(causal_lm(model)), ld_alpha)
 
 
 def reference_logps(reference: Reference | None, policy: torch.nn.Module, batch: PackedBatch) -> Logps | None:

@@ -25,7 +25,7 @@ from safetensors.torch import save
 
 from ..models import cache_dir, causal_lm
 from ..models.cache import entry_lock, write_atomically
-from .config import DPOConfig
+from .packed_config import PackedConfig
 from .reference import Logps
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class ReferenceKey:
     version: int = 3            # of how the values are computed; raising it retires every older file
 
     @classmethod
-    def of(cls, reference: torch.nn.Module, args: DPOConfig, *, data: str, prefix_sharing: bool,
+    def of(cls, reference: torch.nn.Module, args: PackedConfig, *, data: str, prefix_sharing: bool,
            adapter: bool) -> ReferenceKey:
         """The key of ``reference``: a model, or a PEFT policy whose reference is one of its adapters (``adapter``)
         or its disabled adapters."""
@@ -105,7 +105,7 @@ class ReferenceKey:
                    config=json.dumps(configs, sort_keys=True, default=_jsonable), attention=config._attn_implementation,
                    prefix_sharing=prefix_sharing, max_tokens_per_batch=args.max_tokens_per_batch,
                    precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", device=args.device.type,
-                   ld_alpha=args.ld_alpha)
+                   ld_alpha=getattr(args, "ld_alpha", None))   # DPO's configs; KTO's has no LD-DPO
 
     @property
     def fingerprint(self) -> str:

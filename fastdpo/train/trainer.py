@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from accelerate.utils import gather_object
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from ..data import PackedBatch, PairGrouping, pack
 from ..losses import LossSpec, orpo_log_odds, preference_loss
@@ -72,6 +70,7 @@ class PreferenceTrainer(PackedTrainer):
     """
 
     Counts = StepPairs
+    loss_name, item_name = "DPO", "pair"
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, **kwargs):
         self.grouping = self.pair_grouping(use_prefix_sharing(model, args))
@@ -81,8 +80,10 @@ class PreferenceTrainer(PackedTrainer):
         model_adapter = _set_up_adapters(model, args)
         self.loss_spec = args.loss_spec()
         self.aux_loss_enabled, self.router_aux_loss_coef = _router_aux_loss(model, args)
-        self.reference = resolve_reference(model, ref_model, args, self.loss_spec.needs_reference,
-                                           self.accelerator.unwrap_model, model_adapter)
+        self.reference = resolve_reference(
+            model, ref_model, self.accelerator.unwrap_model, ld_alpha=args.ld_alpha,
+            ref_adapter_name=args.ref_adapter_name, model_adapter_name=model_adapter,
+        ) if self.loss_spec.needs_reference else None
         if self.is_fsdp_enabled:
             _check_fsdp(args, self.reference)
         if isinstance(self.reference, ReferenceModel):
@@ -129,7 +130,7 @@ class PreferenceTrainer(PackedTrainer):
         is given (evaluation).
 
         A training micro-batch without pairs (online DPO: the judge ranked none) or with a non-finite pair loss is
-        left out of the step with a zero loss (``_nonfinite`` says what happens to the latter). Every process still
+        left out of the step with a zero loss (``nonfinite`` says what happens to the latter). Every process still
         runs the forwards, the metrics' reduction and the backward that the others run, in the same order."""
         spec = self.step_loss_spec()
         batch = inputs if inputs.num_rows else pack([PLACEHOLDER_PAIR], self.grouping).to(inputs.input_ids.device)
@@ -153,11 +154,11 @@ class PreferenceTrainer(PackedTrainer):
             metrics.skipped_pairs = torch.tensor(float(inputs.num_rows if nonfinite else 0))
         skipped = self.metrics.add("train" if model.training else "eval", inputs, metrics).get("skipped_pairs")
         if skipped:
-            self._nonfinite(inputs, losses, skipped)
+            self.nonfinite(inputs, losses, skipped)
         if not inputs.num_rows:   # the placeholder pair: a finite graph, backpropagated as the other processes do
             loss = losses.sum() * 0.0
         elif nonfinite:
-            loss = self._nonfinite_loss(model, policy)
+            loss = self.nonfinite_loss(model, policy.chosen, policy.rejected)
         else:
             if num_items_in_batch is None:
                 loss, share = losses.mean(), 1.0
@@ -169,39 +170,8 @@ class PreferenceTrainer(PackedTrainer):
         return (loss, {"chosen_rewards": chosen_rewards[kept], "rejected_rewards": rejected_rewards[kept]}) \
             if return_outputs else loss
 
-    def _nonfinite(self, inputs: PackedBatch, losses: torch.Tensor, skipped: float) -> None:
-        """``skipped`` pairs of the processes' current micro-batches had a NaN/inf loss. Without
-        ``skip_nonfinite_losses`` every process stops with the same error naming each process's pairs, before any
-        update; with it, those micro-batches are left out (each process warns about its own)."""
-        bad = ~torch.isfinite(losses[:inputs.num_rows])
-        pairs = (inputs.row_index[bad] if inputs.row_index is not None else bad.nonzero().flatten()).tolist()
-        here = f"training pair(s) {pairs} (losses {losses[bad].tolist()})" if pairs else ""
-        step = self.state.global_step + 1
-        if not self.args.skip_nonfinite_losses:
-            if self.args.world_size > 1:   # every process learns every process's pairs: one message everywhere
-                here = "; ".join(f"{found} on process {rank}" for rank, found in enumerate(gather_object([here]))
-                                 if found)
-            raise FloatingPointError(f"non-finite DPO loss at step {step}, {here}; the weights were not updated. "
-                                     "Set skip_nonfinite_losses to leave such micro-batches out.")
-        if pairs:
-            logger.warning("skipping a micro-batch of %d pairs: non-finite loss at step %d, %s", inputs.num_rows,
-                           step, here)
-        self.step_left_out += skipped
-
-    @staticmethod
-    def _nonfinite_loss(model, policy: PairLogps) -> torch.Tensor:
-        """A zero loss for a micro-batch with a non-finite loss, its backward the one DDP or FSDP needs to stay in
-        step. DDP reduces whatever gradient reaches each parameter: a zero for each trainable one, through no
-        activation, so none of the micro-batch's NaNs. FSDP reduces in hooks on the forward's graph: through it,
-        the non-finite log-probs zeroed (a NaN in the policy's own activations would still reach the gradients)."""
-        if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
-            return (policy.chosen.nan_to_num(0.0, 0.0, 0.0) + policy.rejected.nan_to_num(0.0, 0.0, 0.0)).sum() * 0.0
-        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-
     def nothing_trained(self) -> str:
-        return (f"all {int(self.step_counts.pairs)} pair(s) had a non-finite loss and were skipped "
-                "(skipped_pairs; the warnings above name them).\nWhat to do: correct those pairs' data or reference "
-                "log-probs; if the policy's own log-probs are not finite, lower the learning rate")
+        return self.nonfinite_skipped()
 
     # --------------------------------------------------------------- metrics
     def loss_metrics(self, batch: PackedBatch, policy: PairLogps, ref, losses, chosen_rewards, rejected_rewards,
@@ -287,13 +257,14 @@ def _set_up_adapters(model, args: DPOConfig) -> str | None:
     return train
 
 
-def use_prefix_sharing(model, args: DPOConfig) -> bool:
-    """Whether to pack pairs with a shared prefix: ``args.prefix_sharing`` and an attention implementation that runs
-    it (``fastdpo.models.prefix_attention``); logs the layout and the attention either way."""
+def use_prefix_sharing(model, args, completions: tuple[str, ...] = ("chosen", "rejected")) -> bool:
+    """Whether to pack a prompt's ``completions`` with a shared prefix: ``args.prefix_sharing`` and an attention
+    implementation that runs it (``fastdpo.models.prefix_attention``); logs the layout and the attention either way."""
     config = causal_lm(model).config.get_text_config()
     reason = unsupported_reason(config) if args.prefix_sharing else None
     shared = args.prefix_sharing and reason is None
-    layout = "shared prefix [prompt][chosen][rejected]" if shared else "unshared [prompt+chosen][prompt+rejected]"
+    layout = (f"shared prefix [prompt]{''.join(f'[{c}]' for c in completions)}" if shared
+              else f"unshared {''.join(f'[prompt+{c}]' for c in completions)}")
     why = f" ({reason}; prefix sharing is off)" if reason else ""
     logger.info("packing: %s layout, attention %s%s", layout, config._attn_implementation, why)
     return shared
