@@ -49,9 +49,9 @@ def processor(args):
 
 def model(args, proc, attention: str):
     """The Qwen2-VL of --decoder / --vision shape with LoRA on its language model (seeded: the same on every side)."""
-    import _vision
     import torch
 
+    import _vision
     from fastdpo.models import apply_lora
 
     config = _vision.qwen2_vl_config(proc, DECODERS[args.decoder])
@@ -68,8 +68,9 @@ def model(args, proc, attention: str):
 
 def rows(args):
     """--pairs rows of --images-per-pair random square images and a few words of text each."""
-    import _vision
     import datasets
+
+    import _vision
 
     size = (args.image_size, args.image_size)
     out = _vision.vision_rows(args.pairs, args.images_per_pair, sizes=(size,))
