@@ -65,6 +65,8 @@ CONFIGS = [
     ("hh-512-3072-ckpt", "calibration", [*HH_512, "--max-tokens-per-batch", "3072", "--activation-checkpointing",
                                          "true", "--max-steps", "2"], {}),
     ("hh-512-1024", "held-out", [*HH_512, "--max-tokens-per-batch", "1024", "--max-steps", "3"], {}),
+    ("sft-default no retention", "diagnostic", ["sft", "--model", M, "--dataset", UF, "--use-peft", "--max-steps",
+                                                 "1"], NO_RETENTION),
     ("hh-512-3072 no retention", "diagnostic", [*HH_512, "--max-tokens-per-batch", "3072", "--max-steps", "2"],
      NO_RETENTION),
 ]
