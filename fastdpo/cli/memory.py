@@ -1,8 +1,11 @@
 """How much memory a training run will need, and the token budget and activation checkpointing that make it fit.
 
 ``estimate_peak_bytes`` is a pure function of the model's shape and the run's settings; ``plan_memory`` picks the
-settings the user left open. The constants are calibrated on SmolLM2-135M-Instruct + LoRA on a CPU (peak RSS of
-whole ``fastdpo train`` runs, README "Quick start"); they are an estimate, not a bound.
+settings the user left open. The estimate adds up what is resident at the peak (the start of the backward): the
+runtime, the weights, the gradients and AdamW moments of the trainable parameters, the fused LM head's scratch and
+the activations the decoder layers saved for backward, counted per token from the layer's widths; one constant,
+the allocator's retention, is fitted to whole runs on a CPU (``benchmarks/results/cpu-memory-plan.md``'s calibration
+rows) and applied as is to CUDA's caching allocator, unmeasured there. It is an estimate, not a bound.
 """
 
 from __future__ import annotations
@@ -12,17 +15,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..ops.chunked import SCRATCH_BYTES
+
 GIB = 1 << 30
-#: Resident memory of a process that has imported torch, transformers, peft and datasets (CPU), or a CUDA context.
+#: Resident memory of a process that has imported torch, transformers, peft and datasets and holds the tokenised
+#: dataset and the Trainer (CPU: 0.59 GiB after the imports alone), or a CUDA context.
 RUNTIME_BYTES = {"cpu": int(0.7 * GIB), "cuda": int(0.6 * GIB)}
-#: Saved activations per token and decoder layer, in elements of hidden, kv-hidden and intermediate width: norms,
-#: attention inputs and output, the MLP's gate/up/activation, LoRA's dropout copies, plus the backward's transients.
-ACTIVATION_WIDTHS = (20.0, 2.0, 5.5)
-#: Share of those activations that activation checkpointing keeps, measured (SmolLM2-135M-Instruct + LoRA, CPU,
-#: 3072-token micro-batches: 4.26 GiB peak RSS against 8.36 without); far above the 1/layers of the textbook.
-CHECKPOINTED_SHARE = 0.43
-#: Bytes per trainable parameter: its gradient and AdamW's two fp32 moments.
+#: Tensors a Llama-style decoder layer saves for backward, per token, in elements of hidden, kv-hidden and
+#: intermediate width: each RMSNorm's input and output, the rotated queries, the attention output and o_proj's input;
+#: the rotated keys and the values; gate, SiLU(gate), up and their product (counted with
+#: ``torch.autograd.graph.saved_tensors_hooks`` on SmolLM2's layer: 10.7k elements a token, these give 10.6k).
+SAVED_WIDTHS = (7, 2, 4)
+#: Bytes adapter dropout keeps per element beyond its dropped-out copy of the input (counted with
+#: ``saved_tensors_hooks``: 0.4 on SmolLM2's layer, 0.85 on one a quarter as wide).
+DROPOUT_EXTRA_BYTES = 1
+#: Bytes per trainable parameter beside its weight: its gradient and AdamW's two fp32 moments.
 TRAINABLE_STATE_BYTES = 12
+#: Heap the allocator keeps beyond the live tensors, as a share of the activations a micro-batch's forward allocates
+#: (checkpointed or not): freed blocks of earlier micro-batches, each a different length, that the next cannot reuse,
+#: split by the optimiser's moments allocated among them after the first. The estimator's one fitted constant:
+#: ``benchmarks/bench_memory_plan.py --fit`` on the calibration rows of ``benchmarks/results/cpu-memory-plan.md``
+#: (0.44 without checkpointing, 0.60 with; their mean).
+ALLOCATOR_RETENTION = 0.52
 #: A plan fits when its estimate is at most this share of the available memory (room for the estimate's error).
 FIT_FRACTION = 0.6
 #: The budget fastdpo picks on a CPU: bigger micro-batches buy no speed there (README: 148 tokens/s at 512-token
@@ -32,7 +46,13 @@ CPU_TOKENS_PER_BATCH = 1024
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the estimate needs of a model: decoder widths, and bytes of weights and of trainable parameters."""
+    """What the estimate needs of a model: decoder widths, and bytes of weights and of trainable parameters.
+
+    Attributes:
+        dropout_width: elements per token and layer that adapter dropout copies (the summed input widths of the
+            trainable LoRA layers with dropout, per decoder layer); 0 without dropout.
+        element_bytes: bytes of an activation element (the compute dtype).
+    """
 
     layers: int
     hidden: int
@@ -40,7 +60,8 @@ class ModelShape:
     intermediate: int
     weight_bytes: int
     trainable_params: int
-    element_bytes: int = 4   # of the activations (the compute dtype)
+    element_bytes: int = 4
+    dropout_width: int = 0
 
     @classmethod
     def of(cls, model) -> ModelShape:
@@ -59,23 +80,53 @@ class ModelShape:
             weight_bytes=sum(p.numel() * p.element_size() for p in params),
             trainable_params=sum(p.numel() for p in params if p.requires_grad),
             element_bytes=dtype.itemsize if dtype is not None else 4,
+            dropout_width=_dropout_width(model) // config.num_hidden_layers,
         )
+
+    def saved_bytes_per_token(self) -> int:
+        """Bytes one decoder layer saves for backward per token: ``SAVED_WIDTHS``, and the dropped-out copies of
+        the adapters' inputs."""
+        widths = sum(w * n for w, n in zip(SAVED_WIDTHS, (self.hidden, self.kv_hidden, self.intermediate)))
+        return widths * self.element_bytes + self.dropout_width * (self.element_bytes + DROPOUT_EXTRA_BYTES)
+
+
+def _dropout_width(model) -> int:
+    """Summed input widths of the LoRA layers whose trainable adapter has dropout (a frozen reference adapter runs
+    without gradient, so saves nothing)."""
+    import torch
+
+    width = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            width += sum(module.in_features for name, dropout in dropouts.items()
+                         if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and name in module.lora_A
+                         and module.lora_A[name].weight.requires_grad)
+    return width
 
 
 def estimate_peak_bytes(shape: ModelShape, tokens: int, *, checkpointing: bool, extra_weight_bytes: int = 0,
                         device: str = "cpu") -> int:
     """Estimated peak memory (bytes) of training ``shape`` on micro-batches of ``tokens`` packed tokens.
 
+    The peak is at the start of the backward: the runtime, the weights, the trainable parameters' gradients and
+    AdamW moments, the fused head's scratch, and the activations saved for backward (every layer's; with
+    checkpointing, each layer's input) plus one layer's worth of backward transients (with checkpointing, the layer
+    recomputed); and the heap the allocator keeps, a share of the activations a forward allocates.
+
     Args:
         checkpointing: activation (gradient) checkpointing (layers recompute their activations in backward).
         extra_weight_bytes: weights beside the policy's: a separate reference model or a frozen copy.
         device: "cpu" (peak resident memory of the process) or "cuda" (device memory).
     """
-    per_layer = (sum(w * n for w, n in zip(ACTIVATION_WIDTHS, (shape.hidden, shape.kv_hidden, shape.intermediate)))
-                 * shape.element_bytes)
-    activations = tokens * shape.layers * per_layer * (CHECKPOINTED_SHARE if checkpointing else 1.0)
+    per_layer = shape.saved_bytes_per_token()
+    saved = shape.hidden * shape.element_bytes if checkpointing else per_layer
+    live = tokens * (shape.layers * saved + per_layer)
+    # the layers allocate the same activations with checkpointing or without; checkpointing only frees them sooner
+    allocated = tokens * shape.layers * per_layer
     return (RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"]) + shape.weight_bytes + extra_weight_bytes
-            + shape.trainable_params * TRAINABLE_STATE_BYTES + int(activations))
+            + shape.trainable_params * TRAINABLE_STATE_BYTES + SCRATCH_BYTES.get(device, SCRATCH_BYTES["cuda"])
+            + live + int(allocated * ALLOCATOR_RETENTION))
 
 
 def available_bytes(device: str = "cpu") -> int | None:

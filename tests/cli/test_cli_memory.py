@@ -1,6 +1,8 @@
-"""The memory estimate and plan of the train commands (fastdpo.cli.memory): the estimator against peak RSS measured
-on SmolLM2-135M-Instruct + LoRA, the choices it makes where the user left them open, and what it prints."""
+"""The memory estimate and plan of the train commands (fastdpo.cli.memory): the estimator against the peak RSS of
+held-out runs (``benchmarks/results/cpu-memory-plan.json``), the choices it makes where the user left them open, and
+what it prints."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,17 +16,32 @@ from fastdpo.cli.memory import (
     plan_memory,
 )
 
-# SmolLM2-135M-Instruct in fp32 with LoRA r16 on every linear layer
+# SmolLM2-135M-Instruct in fp32 with LoRA r16 (dropout 0.05) on every linear layer
 SMOLLM2_LORA = ModelShape(layers=30, hidden=576, kv_hidden=192, intermediate=1536, weight_bytes=557_597_952,
-                          trainable_params=4_884_480)
-# Peak RSS of whole `fastdpo train` runs (HH pairs, max_length 512, one optimiser step, 2-core CPU), in GiB.
-MEASURED = {(1024, False): 3.54, (3072, False): 8.36, (3072, True): 4.26}
+                          trainable_params=4_884_480, dropout_width=4992)
+#: Whole runs measured by benchmarks/bench_memory_plan.py, with the estimator inputs their plans recorded.
+MEMORY_PLAN_RUNS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu-memory-plan.json"
+#: The issue's under-estimates (default train on HH, a reference adapter, sft at its default budget): held out.
+REQUIRED_HELD_OUT = {"hh-default", "dpo-chain-ref-adapter", "sft-default"}
 
 
-@pytest.mark.parametrize(("tokens", "checkpointing"), sorted(MEASURED))
-def test_estimate_matches_measured_peak_rss(tokens, checkpointing):
-    estimate = estimate_peak_bytes(SMOLLM2_LORA, tokens, checkpointing=checkpointing) / GIB
-    assert estimate == pytest.approx(MEASURED[tokens, checkpointing], rel=0.15)
+def _runs(role):
+    return [row for row in json.loads(MEMORY_PLAN_RUNS.read_text())["rows"] if row["role"] == role]
+
+
+@pytest.mark.parametrize("row", _runs("held-out"), ids=lambda row: row["name"])
+def test_estimate_is_within_15_percent_of_held_out_runs(row):
+    """The current estimator, on the inputs a held-out run's plan recorded, within 15% of the run's peak RSS (the
+    constants are fitted to the calibration rows only)."""
+    inputs = dict(row["estimator_inputs"])
+    estimate = estimate_peak_bytes(ModelShape(**inputs.pop("shape")), inputs.pop("tokens"), **inputs)
+    assert estimate == pytest.approx(row["measured_bytes"], rel=0.15)
+
+
+def test_the_held_out_runs_are_the_issues_and_not_the_calibration():
+    held_out = {row["name"] for row in _runs("held-out")}
+    assert REQUIRED_HELD_OUT <= held_out
+    assert _runs("calibration") and not held_out & {row["name"] for row in _runs("calibration")}
 
 
 def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
@@ -34,6 +51,39 @@ def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
     assert est(1024, extra_weight_bytes=GIB) == est(1024) + GIB
     full = ModelShape(**{**SMOLLM2_LORA.__dict__, "trainable_params": 139_431_744})
     assert estimate_peak_bytes(full, 1024, checkpointing=False) > est(1024) + GIB   # gradients and AdamW states
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_saved_bytes_per_token_counts_what_autograd_saves(dropout):
+    """A LoRA-wrapped Llama layer's activations saved for backward, counted by ``saved_tensors_hooks`` (per token,
+    the difference between a 3- and a 1-layer model), within 8% of ``ModelShape.saved_bytes_per_token``; adapter
+    dropout's copies are counted only when there is dropout."""
+    import torch
+
+    from _shared import tiny_llama
+    from fastdpo.models import apply_lora
+
+    def saved(layers, tokens=64):
+        # SmolLM2's heads at a quarter of its widths: LoRA's rank-16 outputs, not counted, stay a few percent
+        model = apply_lora(tiny_llama(num_hidden_layers=layers, hidden_size=144, intermediate_size=384,
+                                      num_attention_heads=9, num_key_value_heads=3), dropout=dropout).train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(3, 1000, (1, tokens)), logits_to_keep=1)
+        return sum(storages.values()) / tokens, model
+
+    one, _ = saved(1)
+    three, model = saved(3)
+    shape = ModelShape.of(model)
+    assert shape.dropout_width == (6 * 144 + 384 if dropout else 0)   # q k v o gate up: hidden in; down: intermediate
+    assert shape.saved_bytes_per_token() == pytest.approx((three - one) / 2, rel=0.08)
 
 
 def fake_estimate(per_token, checkpointed_per_token=1):
