@@ -22,10 +22,11 @@ def require(path, what: str) -> None:
 def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's real tokenizer (ChatML template, eos <|im_end|> id 2), from the GGUF; skips the test
     when the GGUF is absent."""
-    from transformers import AutoTokenizer
+    from fastdpo.models import ModelSource
+    from fastdpo.models.gguf import gguf_tokenizer
 
     require(SMOLLM2_GGUF, "the shared SmolLM2 GGUF")
-    return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name)
+    return gguf_tokenizer(ModelSource(str(SMOLLM2_DIR), SMOLLM2_GGUF.name))
 
 
 def byte_tokenizer():

@@ -2,6 +2,7 @@
 short, every package ships in the wheel and says what it is."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,34 @@ def test_commands_run_from_the_repository_root():
     proc = subprocess.run([sys.executable, "-m", "fastdpo", "train", "--help"], capture_output=True, text=True,
                           cwd=ROOT)
     assert proc.returncode == 0 and "--model" in proc.stdout, proc.stderr[-2000:]
+
+
+def _supported_versions_table() -> dict[str, tuple[str, str, str]]:
+    """README "Supported versions": package -> (range, oldest tested, newest tested)."""
+    section = (ROOT / "README.md").read_text().split("\n## Supported versions\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\w+)[^|]* \| `([^`]+)`[^|]* \| ([\w.]+) \| ([\w.]+) \|$", section, re.M)
+    return {name: (spec, oldest, newest) for name, spec, oldest, newest in rows}
+
+
+def test_supported_versions_agree():
+    """The README's ranges are pyproject.toml's (trl's: the test extra's and fastdpo.integrations.trl's), and its
+    oldest and newest columns are the pins `.ci/compat` installs, each inside its range."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    table = _supported_versions_table()
+    assert set(table) == {"torch", "triton", "transformers", "peft", "accelerate", "trl"}, table
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    declared = {r.name: r.specifier for r in map(Requirement, requirements)}
+    trl_module = (PACKAGE / "integrations" / "trl.py").read_text()
+    declared_trl = SpecifierSet(re.search(r'SUPPORTED_TRL = SpecifierSet\("([^"]+)"\)', trl_module).group(1))
+    assert declared_trl == declared["trl"]
+    script = (ROOT / ".ci" / "compat").read_text()
+    pins = {end: dict(p.split("==") for p in re.search(rf"^{end}=\(([^)]*)\)", script, re.M).group(1).split())
+            for end in ("OLDEST", "NEWEST")}  # numpy, pinned for Triton 3.6's interpreter, has no README row
+    for name, (spec, oldest, newest) in table.items():
+        assert SpecifierSet(spec) == declared[name], f"{name}: README {spec}, pyproject {declared[name]}"
+        assert (pins["OLDEST"][name], pins["NEWEST"][name]) == (oldest, newest), name
+        assert oldest in declared[name] and newest in declared[name], name

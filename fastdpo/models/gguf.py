@@ -60,12 +60,36 @@ def gguf_checkpoint(source: ModelSource) -> Path:
 
 
 def _convert_gguf(source: ModelSource, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     _strip_quantization_marker(model)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(out)
+    gguf_tokenizer(source).save_pretrained(out)
+
+
+#: GGUF metadata key -> the tokenizer's special-token attribute
+_SPECIAL_TOKENS = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+
+
+def gguf_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of a GGUF source, its special tokens the ones the GGUF's metadata names.
+
+    transformers before 5.2x (5.17 here) loads SmolLM2's GGUF with eos ``<|im_start|>`` (its bos) and no pad token;
+    the metadata (``tokenizer.ggml.eos_token_id`` …) says ``<|im_end|>``, as newer versions read it.
+    """
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    fields = gguf.GGUFReader(Path(source.path) / source.gguf_file).fields
+    for key, attr in _SPECIAL_TOKENS.items():
+        found = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if found is not None:
+            token = tokenizer.convert_ids_to_tokens(int(found.parts[found.data[0]][0]))
+            if token is not None and getattr(tokenizer, attr) != token:
+                setattr(tokenizer, attr, token)
+    return tokenizer
 
 
 def _strip_quantization_marker(model: transformers.PreTrainedModel) -> None:

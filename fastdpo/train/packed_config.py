@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,6 +13,9 @@ from transformers import TrainingArguments
 logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+#: transformers 5.23 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name stays as an
+#: alias); before it, PackedConfig adds the new name itself and passes it on.
+NAMES_ACTIVATION_CHECKPOINTING = any(f.name == "activation_checkpointing" for f in dataclasses.fields(TrainingArguments))
 
 
 @dataclass
@@ -43,8 +47,14 @@ class PackedConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the tokenised columns."})
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it, off on CPU."})
+    if not NAMES_ACTIVATION_CHECKPOINTING:
+        activation_checkpointing: bool = field(default=False, metadata={
+            "help": "Recompute activations in backward to save memory (transformers' gradient_checkpointing)."})
 
     def __post_init__(self):
+        if not NAMES_ACTIVATION_CHECKPOINTING:
+            self.activation_checkpointing = self.gradient_checkpointing = (
+                bool(self.activation_checkpointing) or bool(self.gradient_checkpointing))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             self.use_cpu = True
             if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
