@@ -90,12 +90,7 @@ def table(rows: list[dict]) -> str:
     lines += [f"| {r['trainer']} {r['version']} | {r['attention']} | {r['rows']} | {r['median_step_s']:.2f} | "
               f"{r['rows_per_step']:.1f} | {r['work_tokens_per_s']:.0f} | {r['peak_memory_mib']:.0f} | "
               f"{r['setup_peak_memory_mib']:.0f} |" for r in rows]
-    by_name = {r["trainer"]: r for r in rows}
-    if {"fastdpo", "trl"} <= set(by_name):
-        f, t = by_name["fastdpo"], by_name["trl"]
-        lines.append(f"\nfastdpo / TRL: {f['work_tokens_per_s'] / t['work_tokens_per_s']:.2f}x work tokens/s, "
-                     f"{f['peak_memory_mib'] / t['peak_memory_mib']:.2f}x peak memory (target >= 1.5x, <= 0.7x)")
-    return "\n".join(lines)
+    return "\n".join(lines + steps.trl_ratios(rows, ">= 1.5x, <= 0.7x"))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -8,6 +8,10 @@ multimodal RoPE). Both tokenizers are byte-level with the family's special token
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 FAMILIES = ("llava", "qwen2_vl")
@@ -169,3 +173,20 @@ def vision_rows(count: int, images_per_row: int = 1, *, entries: bool = True, se
                      "chosen": [{"role": "assistant", "content": f"A cat, {i}."}],
                      "rejected": [{"role": "assistant", "content": f"Dogs {'and more dogs ' * (i % 3)}{i}."}]})
     return rows
+
+
+def write_jsonl(data_file, rows, image_dir) -> str:
+    """``rows`` (``vision_rows``) as the JSON Lines file ``data_file``, each image saved as a PNG in ``image_dir`` and
+    named by its path relative to the file's folder (as TRL's local vision datasets are)."""
+    data_file, image_dir = Path(data_file), Path(image_dir)
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_file, "w") as f:
+        for i, row in enumerate(rows):
+            paths = []
+            for k, image in enumerate(row["images"]):
+                image.save(image_dir / f"{i}-{k}.png")
+                paths.append(os.path.relpath(image_dir / f"{i}-{k}.png", data_file.parent))
+            f.write(json.dumps({**row, "images": paths}) + "\n")
+    return str(data_file)
+

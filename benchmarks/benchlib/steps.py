@@ -150,3 +150,15 @@ def main(parser: Callable, run: Callable[[str, object], dict], report: Callable[
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
         Path(f"{args.out}.md").write_text(md + "\n")
+
+
+def trl_ratios(rows: list[dict], target: str) -> list[str]:
+    """The line under a two-trainer table: fastdpo's work tokens/s and peak memory as multiples of TRL's (none where
+    either did not run), with the issue's ``target``."""
+    by_name = {r["trainer"]: r for r in rows}
+    if not {"fastdpo", "trl"} <= set(by_name):
+        return []
+    f, t = by_name["fastdpo"], by_name["trl"]
+    return [f"\nfastdpo / TRL: {f['work_tokens_per_s'] / t['work_tokens_per_s']:.2f}x work tokens/s, "
+            f"{f['peak_memory_mib'] / t['peak_memory_mib']:.2f}x peak memory (target {target})"]
+

@@ -23,17 +23,8 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 
 def write_rows(directory, rows) -> str:
-    """``rows`` (``_vision.vision_rows``) as ``directory/train.jsonl`` with each image saved to ``img/`` and named by
-    its path relative to the file."""
-    (directory / "img").mkdir(parents=True, exist_ok=True)
-    with open(directory / "train.jsonl", "w") as f:
-        for i, row in enumerate(rows):
-            paths = []
-            for k, image in enumerate(row["images"]):
-                image.save(directory / "img" / f"{i}-{k}.png")
-                paths.append(f"img/{i}-{k}.png")
-            f.write(json.dumps({**row, "images": paths}) + "\n")
-    return str(directory / "train.jsonl")
+    """``rows`` as ``directory/train.jsonl``, their images in ``directory/img``."""
+    return _vision.write_jsonl(directory / "train.jsonl", rows, directory / "img")
 
 
 def run(model_dir, data, out, *extra):

@@ -2,7 +2,6 @@
 1.16's vision collator does, packed with their images once per pair (shared prefix) or per segment (unshared), and
 bad rows refused with the row number and what to do."""
 
-import json
 
 import datasets
 import pytest
@@ -23,16 +22,7 @@ def tokenized(family, rows, **kwargs):
 
 def write_jsonl_with_images(root, rows):
     """``rows``' images as PNG files under root/images, the rows in root/data/pairs.jsonl naming them relatively."""
-    (root / "images").mkdir(parents=True)
-    (root / "data").mkdir()
-    with open(root / "data" / "pairs.jsonl", "w") as f:
-        for i, row in enumerate(rows):
-            paths = []
-            for k, image in enumerate(row["images"]):
-                image.save(root / "images" / f"{i}-{k}.png")
-                paths.append(f"../images/{i}-{k}.png")
-            f.write(json.dumps({**row, "images": paths}) + "\n")
-    return root / "data" / "pairs.jsonl"
+    return _vision.write_jsonl(root / "data" / "pairs.jsonl", rows, root / "images")
 
 
 @pytest.mark.parametrize("family", _vision.FAMILIES)
