@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
 from ..data import PackedBatch
@@ -19,7 +18,7 @@ from ..train.forward import label_logps
 from ..train.metrics import Mean, Metrics, metric, total
 from ..train.packed_trainer import PackedTrainer
 from ..train.reference import AdapterReference, PrecomputedReference, ReferenceModel, resolve_reference
-from ..train.reference_cache import ReferenceKey, cached_ref_logps
+from ..train.reference_cache import ReferenceKey, with_cached_ref_logps
 from ..train.trainer import use_prefix_sharing
 from .config import KTOConfig
 
@@ -159,13 +158,9 @@ class KTOTrainer(PackedTrainer):
         module = self.accelerator.unwrap_model(self.model) if adapters_off else self.reference.model
         key = ReferenceKey.of(module, self.args, data=dataset._fingerprint,
                               prefix_sharing=self.grouping.prefix_sharing, adapter=False)
-        with self.accelerator.local_main_process_first():
-            cached = cached_ref_logps(key, len(dataset), lambda: self._compute_reference(dataset, split),
-                                      f"reference log-probs ({split})")
-        for column, values in zip(self.grouping.ref_columns, cached):
-            dataset = dataset.add_column(column, values.tolist(),
-                                         new_fingerprint=Hasher.hash((key.fingerprint, column)))
-        return dataset
+        return with_cached_ref_logps(dataset, key, self.grouping.ref_columns,
+                                     lambda: self._compute_reference(dataset, split), self.accelerator,
+                                     f"reference log-probs ({split})")
 
     def _compute_reference(self, dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """([N] float32 completion, [N] float32 KL completion or zeros) reference log-probs of ``dataset``'s rows,

@@ -20,7 +20,7 @@ from ..data.packing import REF_COLUMNS
 from ..models import causal_lm, vision_family
 from .config import DPOConfig
 from .reference import AdapterReference, PrecomputedReference, reference_logps
-from .reference_cache import ReferenceKey, cached_ref_logps
+from .reference_cache import ReferenceKey, with_cached_ref_logps
 from .trainer import PreferenceTrainer
 
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -96,13 +96,8 @@ class DPOTrainer(PreferenceTrainer):
         # a vision dataset's fingerprint holds only its images' paths: its key holds their content too
         data = dataset._fingerprint if images is None else Hasher.hash((dataset._fingerprint, images))
         key = ReferenceKey.of(ref, self.args, data=data, prefix_sharing=self.prefix_sharing, adapter=adapter)
-        with self.accelerator.local_main_process_first():
-            cached = cached_ref_logps(key, len(dataset), lambda: self._compute_reference(dataset, split),
-                                      f"reference log-probs ({split})")
-        for column, values in zip(REF_COLUMNS, cached):
-            dataset = dataset.add_column(column, values.tolist(),
-                                         new_fingerprint=Hasher.hash((key.fingerprint, column)))
-        return dataset
+        return with_cached_ref_logps(dataset, key, REF_COLUMNS, lambda: self._compute_reference(dataset, split),
+                                     self.accelerator, f"reference log-probs ({split})")
 
     def _compute_reference(self, dataset: datasets.Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] float32 chosen and rejected reference log-probs of every pair, in token-budget micro-batches."""

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
+from datasets.fingerprint import Hasher
 from safetensors import safe_open
 from safetensors.torch import save
 
@@ -137,6 +139,18 @@ def cached_ref_logps(key: ReferenceKey, num_pairs: int, compute: Callable[[], Lo
         cached = compute()
         save_ref_logps(path, fingerprint, *cached)
         return cached
+
+
+def with_cached_ref_logps(dataset: datasets.Dataset, key: ReferenceKey, columns: tuple[str, ...],
+                          compute: Callable[[], Logps], accelerator, what: str) -> datasets.Dataset:
+    """``dataset`` with ``cached_ref_logps(key, ...)``'s two [N] tensors as ``columns`` (one column: the first
+    only), in the order ``compute`` returns them: each machine's main process computes or loads them first, the other
+    processes then load its file. The columns' fingerprints derive from the key, so datasets' own cache follows it."""
+    with accelerator.local_main_process_first():
+        cached = cached_ref_logps(key, len(dataset), compute, what)
+    for column, values in zip(columns, cached):
+        dataset = dataset.add_column(column, values.tolist(), new_fingerprint=Hasher.hash((key.fingerprint, column)))
+    return dataset
 
 
 def _checksum(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
