@@ -120,8 +120,10 @@ def finish_run(trainer, args, start: float, *, metrics: tuple[str, ...], eval_pa
     table = first_last_table(trainer.state.log_history, eval_pairs, metrics)
     print(finished(summary["wall_time_s"], summary["peak_rss_mib"], args.output_dir, table, estimated_peak_mib),
           flush=True)
-    # accelerate's documented shutdown (it destroys the process group): gloo threads still alive at interpreter exit
-    # are the suspect in a finished rank's abort seen once under torch 2.11 (benchmarks/results/compat-oldest.txt)
+    # Every process waits for the main one (it draws the curves), then the process group is destroyed (accelerate's
+    # shutdown): a non-main rank exiting alone aborted ("terminate called without an active exception") in 1 of 6
+    # 2-process runs with a precomputed reference, 0 of 24 with the wait.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return summary
 
