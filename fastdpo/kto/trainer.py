@@ -109,7 +109,7 @@ class KTOTrainer(PackedTrainer):
         self.num_tokens = 0
         self.reference = resolve_reference(self.model, ref_model, self.accelerator.unwrap_model)
         if isinstance(self.reference, ReferenceModel):
-            self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+            self.reference.model = self.prepare_reference_model(self.reference.model)
         if args.precompute_ref_log_probs:
             self.train_dataset = self._with_reference(self.train_dataset, "train")
             if self.eval_dataset is not None:

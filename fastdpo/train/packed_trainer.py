@@ -185,6 +185,13 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         """Why the current step's items all stayed out of its loss, and what to do."""
         return f"none of the {int(self.step_counts[0])} {self.Counts._fields[0]} reached the loss"
 
+    # ---------------------------------------------------------- reference
+    def prepare_reference_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A separate frozen reference prepared for evaluation on this process's device, under FSDP too, where
+        accelerate leaves placement to the sharding: the reference is not sharded but a whole copy on each device,
+        as under DDP."""
+        return self.accelerator.prepare_model(model, device_placement=True, evaluation_mode=True)
+
     # ---------------------------------------------------- non-finite losses
     def nonfinite(self, inputs: PackedBatch, losses: torch.Tensor, skipped: float) -> None:
         """``skipped`` items of the processes' current training micro-batches had a NaN/inf loss (``losses``: this

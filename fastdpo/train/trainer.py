@@ -89,10 +89,7 @@ class PreferenceTrainer(PackedTrainer):
         if isinstance(self.reference, ReferenceModel):
             if args.sync_ref_model:
                 check_sync_compatible(causal_lm(model), self.reference.model)
-            # on the device under FSDP too, where accelerate leaves placement to the sharding: the reference is not
-            # sharded but a whole frozen copy on each device, as under DDP
-            self.reference.model = self.accelerator.prepare_model(self.reference.model, device_placement=True,
-                                                                  evaluation_mode=True)
+            self.reference.model = self.prepare_reference_model(self.reference.model)
             if args.sync_ref_model:
                 self.add_callback(SyncRefModelCallback(
                     self.reference.model, lambda m: causal_lm(self.accelerator.unwrap_model(m))))
