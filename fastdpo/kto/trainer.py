@@ -196,11 +196,7 @@ class KTOTrainer(PackedTrainer):
                                    undesirable_weight=args.undesirable_weight)
         nonfinite = model.training and not bool(torch.isfinite(losses).all())
         metrics = self.loss_metrics(inputs, policy, losses, rewards, labels, kl, kept=not nonfinite)
-        if model.training:
-            metrics.skipped_rows = torch.tensor(float(inputs.num_rows if nonfinite else 0))
-        skipped = self.metrics.add("train" if model.training else "eval", inputs, metrics).get("skipped_rows")
-        if skipped:
-            self.nonfinite(inputs, losses, skipped)
+        self.add_loss_metrics(model, inputs, metrics, losses, nonfinite)
         if nonfinite:
             loss = self.nonfinite_loss(model, policy.completion)
         elif num_items_in_batch is None:
@@ -208,9 +204,6 @@ class KTOTrainer(PackedTrainer):
         else:
             loss = losses.sum() / num_items_in_batch * self.accelerator.num_processes
         return (loss, {"rewards": rewards}) if return_outputs else loss
-
-    def nothing_trained(self) -> str:
-        return self.nonfinite_skipped()
 
     # --------------------------------------------------------------- metrics
     def loss_metrics(self, batch: PackedBatch, policy: UnpairedLogps, losses, rewards, labels, kl, *,

@@ -20,7 +20,7 @@ from ..data import Grouping, PackedBatch, TokenBudgetBatchSampler, pack
 from ..data.packing import IndexedRows
 from ..models import is_peft
 from .checkpoints import AtomicCheckpointMixin
-from .metrics import MetricWindow
+from .metrics import Metrics, MetricWindow
 from .packed_config import PackedConfig
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,10 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
     - ``batch_sampler``, where micro-batches are not whole rows under ``max_tokens_per_batch`` tokens;
     - ``Counts`` and ``count``: what one micro-batch adds to its step's totals, the first field being the items
       the step's loss is divided by (``num_items_in_batch``);
-    - ``compute_loss``, which adds the items it leaves out of the loss (over all processes) to ``step_left_out``;
-      optionally ``extra_logs`` (values logged beside a window's means, e.g. derived from them), and
-      ``nothing_trained`` (why a step trained on nothing, and what to do).
+    - ``compute_loss``, adding its metrics with ``add_loss_metrics`` where a non-finite loss leaves its training
+      micro-batch out (``nonfinite``, ``nonfinite_loss``);
+      optionally ``extra_logs`` (values logged beside a window's means, e.g. derived from them), and ``nothing_trained``
+      (why a step trained on nothing, and what to do).
 
     A step none of whose items reached the loss is logged as a warning saying why, and tallied (``tally``: a caller
     that finds no trained step there stops with that reason).
@@ -183,7 +184,12 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
 
     def nothing_trained(self) -> str:
         """Why the current step's items all stayed out of its loss, and what to do."""
-        return f"none of the {int(self.step_counts[0])} {self.Counts._fields[0]} reached the loss"
+        count, item = int(self.step_counts[0]), self.item_name
+        if self.step_left_out:   # only ``nonfinite`` leaves items out
+            return (f"all {count} {item}(s) had a non-finite loss and were skipped (skipped_{item}s; the warnings "
+                    f"above name them).\nWhat to do: correct those {item}s' data or reference log-probs; if the "
+                    "policy's own log-probs are not finite, lower the learning rate")
+        return f"none of the {count} {self.Counts._fields[0]} reached the loss"
 
     # ---------------------------------------------------------- reference
     def prepare_reference_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -193,6 +199,18 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         return self.accelerator.prepare_model(model, device_placement=True, evaluation_mode=True)
 
     # ---------------------------------------------------- non-finite losses
+    def add_loss_metrics(self, model, inputs: PackedBatch, metrics: Metrics, losses: torch.Tensor,
+                         nonfinite: bool) -> None:
+        """Adds a micro-batch's ``metrics`` to its mode's window. In training they also count its items left out
+        for a ``nonfinite`` loss (the ``skipped_<item_name>s`` field, a ``total()``): the metrics' one reduction
+        tells every process whether any process's loss was non-finite, and each then calls ``nonfinite``."""
+        field = f"skipped_{self.item_name}s"
+        if model.training:
+            setattr(metrics, field, torch.tensor(float(inputs.num_rows if nonfinite else 0)))
+        skipped = self.metrics.add("train" if model.training else "eval", inputs, metrics).get(field)
+        if skipped:
+            self.nonfinite(inputs, losses, skipped)
+
     def nonfinite(self, inputs: PackedBatch, losses: torch.Tensor, skipped: float) -> None:
         """``skipped`` items of the processes' current training micro-batches had a NaN/inf loss (``losses``: this
         process's, [R] per item). Without ``skip_nonfinite_losses`` (an option of the subclass's config) every process
@@ -228,13 +246,6 @@ class PackedTrainer(AtomicCheckpointMixin, Trainer):
         if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
             return sum(t.nan_to_num(0.0, 0.0, 0.0).sum() for t in logps) * 0.0
         return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-
-    def nonfinite_skipped(self) -> str:
-        """``nothing_trained`` where every item of the step had a non-finite loss and was skipped."""
-        item = self.item_name
-        return (f"all {int(self.step_counts[0])} {item}(s) had a non-finite loss and were skipped (skipped_{item}s; "
-                f"the warnings above name them).\nWhat to do: correct those {item}s' data or reference log-probs; if "
-                "the policy's own log-probs are not finite, lower the learning rate")
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, *args, **kwargs):

@@ -147,11 +147,7 @@ class PreferenceTrainer(PackedTrainer):
         kept = slice(0, 0) if nonfinite or not inputs.num_rows else slice(None)   # logged: the pairs in the loss
         metrics = self.loss_metrics(inputs, policy.rows(kept), None if ref is None else (ref[0][kept], ref[1][kept]),
                                     losses[kept], chosen_rewards[kept], rejected_rewards[kept], aux)
-        if model.training:
-            metrics.skipped_pairs = torch.tensor(float(inputs.num_rows if nonfinite else 0))
-        skipped = self.metrics.add("train" if model.training else "eval", inputs, metrics).get("skipped_pairs")
-        if skipped:
-            self.nonfinite(inputs, losses, skipped)
+        self.add_loss_metrics(model, inputs, metrics, losses, nonfinite)
         if not inputs.num_rows:   # the placeholder pair: a finite graph, backpropagated as the other processes do
             loss = losses.sum() * 0.0
         elif nonfinite:
@@ -166,9 +162,6 @@ class PreferenceTrainer(PackedTrainer):
                 loss = loss + self.router_aux_loss_coef * aux * share
         return (loss, {"chosen_rewards": chosen_rewards[kept], "rejected_rewards": rejected_rewards[kept]}) \
             if return_outputs else loss
-
-    def nothing_trained(self) -> str:
-        return self.nonfinite_skipped()
 
     # --------------------------------------------------------------- metrics
     def loss_metrics(self, batch: PackedBatch, policy: PairLogps, ref, losses, chosen_rewards, rejected_rewards,
